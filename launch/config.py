@@ -1,0 +1,145 @@
+"""Typed configuration: every hyperparameter lives in a documented dataclass.
+
+Hydra composes ``conf/config.yaml`` and its groups on top of the ``Config`` schema registered here, so a misspelled
+key in a YAML file or on the command line fails at start, naming the key, before any actor starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from simulator.curriculum import CurriculumConfig
+
+
+@dataclass
+class ModelConfig:
+    """The policy model.
+
+    Attributes:
+        name: a shipped asset (``smollm2-135m-instruct``, ``tiny-llama``; see ``launch/assets.py``), a local HF
+            folder, or a hub id on machines that reach the hub.
+        dtype: weights and compute dtype for vLLM and the learner.
+        max_model_len: vLLM's context limit; prompt plus every turn must fit (the paper: 4096 + 500).
+        gradient_checkpointing: trade compute for activation memory in the learner.
+    """
+
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "bfloat16"
+    max_model_len: int = 4096
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where questions come from.
+
+    Attributes:
+        name: a label for logs (``synthetic``, ``zerosearch``, ``flashrag``).
+        dir: folder holding the files below; relative paths are taken from the repository root.
+        train_file, val_file, test_file: QA files in any supported format (see ``actors/dataset.py``).
+        corpus_file: the passage corpus the real engines search (jsonl, ``id`` and ``contents``).
+        generate_synthetic: build the synthetic world into ``dir`` when its files are missing.
+        synthetic_seed, synthetic_entities: the synthetic world's seed and size (number of people).
+        shuffle: shuffle the training questions each epoch (seeded).
+    """
+
+    name: str = "synthetic"
+    dir: str = "data/synthetic"
+    train_file: str = "train.parquet"
+    val_file: str = "val.parquet"
+    test_file: str = "test.parquet"
+    corpus_file: str = "corpus.jsonl"
+    generate_synthetic: bool = True
+    synthetic_seed: int = 0
+    synthetic_entities: int = 400
+    shuffle: bool = True
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases. Offline by default: runs are written locally and can be synced later with ``wandb sync``.
+
+    Attributes:
+        mode: ``offline``, ``online`` or ``disabled``.
+        project, entity, group, tags: the usual W&B run metadata.
+        sample_table_rows: trajectories per step written to the samples table.
+    """
+
+    mode: str = "offline"
+    project: str = "zerosearch-ray"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    sample_table_rows: int = 4
+
+
+@dataclass
+class LoggerConfig:
+    """Run outputs.
+
+    Attributes:
+        run_dir: where metrics.jsonl, plots and checkpoints go; defaults to Hydra's run folder.
+        run_name: a name for the run (W&B and folder); generated when empty.
+        wandb: see ``WandbConfig``.
+        console_every: print a metrics line every this many steps.
+    """
+
+    run_dir: str = "${hydra:runtime.output_dir}"
+    run_name: str = ""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    console_every: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    """Where actors run. The same fields place actors on a laptop CPU or on a GPU cluster.
+
+    Attributes:
+        address: ``None`` starts a local Ray instance; ``auto`` joins the cluster this job was submitted to.
+        num_cpus: CPUs for a local Ray instance (None: all).
+        rollout_engines: vLLM policy engines, one Ray actor each.
+        rollout_tensor_parallel: GPUs per policy engine (tensor parallel); 0 GPUs on CPU.
+        rollout_gpus: GPUs per policy engine actor (0 on CPU).
+        learners: data-parallel DeepSpeed learner actors.
+        learner_gpus: GPUs per learner actor (0 on CPU).
+        simulator_servers: vLLM simulator servers in the pool.
+        simulator_gpus: GPUs per simulator server (0 on CPU).
+        simulator_tensor_parallel: tensor-parallel size of each simulator server.
+        vllm_cpu_kvcache_gb: KV-cache size per vLLM engine on the CPU build (VLLM_CPU_KVCACHE_SPACE).
+        gpu_memory_utilization: vLLM's memory share; low on CPU, where the default 0.92 fails.
+        actor_start_timeout_s: how long to wait for an actor to come up before failing the run.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    rollout_engines: int = 1
+    rollout_tensor_parallel: int = 1
+    rollout_gpus: float = 0
+    learners: int = 1
+    learner_gpus: float = 0
+    simulator_servers: int = 1
+    simulator_gpus: float = 0
+    simulator_tensor_parallel: int = 1
+    vllm_cpu_kvcache_gb: float = 1.0
+    gpu_memory_utilization: float = 0.3
+    actor_start_timeout_s: float = 600.0
+
+
+@dataclass
+class Config:
+    """The whole run. Groups are chosen on the command line (``model=tiny_llama``), fields set with ``key=value``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Make the schema known to Hydra; ``conf/config.yaml`` lists ``config_schema`` first in its defaults."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
