@@ -1,0 +1,135 @@
+"""One multi-turn search episode, token in and token out (spec section 1).
+
+The loop, as in the paper: generate until ``</search>`` or ``</answer>``; on a search, call the engine and append the
+``<information>`` block; on an answer, stop; on anything else, append the invalid-action message. After ``max_turns``
+searches the policy gets one last generation, whose search (if any) is not executed, and the episode ends.
+
+History is never re-tokenized: sampled token ids are kept exactly as the engine produced them, observation tokens are
+appended after them, and ``loss_mask`` records which is which. The original decoded, cut and re-tokenized each turn,
+which can change tokens and loses the engine's logprobs.
+
+The engine that generates is passed in as a function, so this core runs without vLLM in unit tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from actors.protocol import INVALID_ACTION_MESSAGE, observation_token_ids, parse_action
+from actors.reward import score_response
+from actors.trajectory import EpisodeStats
+from simulator.base import SearchContext, SearchEngine
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # stop (stop string or EOS) | length
+
+
+GenerateFn = Callable[[list[int], int], Awaitable[Generation]]
+
+
+@dataclass
+class EpisodeConfig:
+    """Per-episode limits.
+
+    Attributes:
+        max_turns: searches allowed; the policy generates at most ``max_turns + 1`` times (paper: 2).
+        max_tokens_per_turn: new tokens per generation (paper: 500).
+        max_response_tokens: all response tokens, model and observation, of one episode.
+        max_obs_tokens: tokens of one ``<information>`` block, closing tag kept.
+        top_k: documents per search.
+        reward_metric: ``f1`` (the paper's training reward), ``exact_match`` or ``substring_match``.
+    """
+
+    max_turns: int = 2
+    max_tokens_per_turn: int = 500
+    max_response_tokens: int = 2048
+    max_obs_tokens: int = 512
+    top_k: int = 5
+    reward_metric: str = "f1"
+
+
+@dataclass
+class EpisodeResult:
+    response_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    response_text: str
+    reward: float
+    stats: EpisodeStats
+
+
+async def run_episode(
+    prompt_ids: list[int],
+    question: str,
+    golden_answers: tuple[str, ...],
+    generate: GenerateFn,
+    engine: SearchEngine,
+    tokenizer: Any,
+    cfg: EpisodeConfig,
+    noise_prob: float = 0.0,
+    seed: int | None = None,
+) -> EpisodeResult:
+    response_ids: list[int] = []
+    loss_mask: list[int] = []
+    logprobs: list[float] = []
+    stats = EpisodeStats()
+
+    def append(ids: list[int], mask: int, lps: list[float] | None = None) -> None:
+        response_ids.extend(ids)
+        loss_mask.extend([mask] * len(ids))
+        logprobs.extend(lps if lps is not None else [0.0] * len(ids))
+
+    for turn in range(cfg.max_turns + 1):
+        budget = min(cfg.max_tokens_per_turn, cfg.max_response_tokens - len(response_ids))
+        if budget <= 0:
+            stats.finish_reason = "length"
+            break
+        started = time.perf_counter()
+        generation = await generate(prompt_ids + response_ids, budget)
+        stats.generation_s += time.perf_counter() - started
+        stats.turns += 1
+        stats.generated_tokens += len(generation.token_ids)
+        append(generation.token_ids, 1, generation.logprobs)
+
+        action = parse_action(tokenizer.decode(generation.token_ids, skip_special_tokens=True))
+        if action.kind == "invalid":
+            stats.invalid_actions += 1
+        else:
+            stats.valid_actions += 1
+        if action.kind == "answer":
+            stats.answered = True
+            stats.finish_reason = "answer"
+            break
+        if turn == cfg.max_turns:
+            # The last generation's search would be executed and thrown away (spec): skipping it changes nothing.
+            stats.finish_reason = "max_turns"
+            break
+        if action.kind == "search":
+            ctx = SearchContext(question=question, golden_answers=golden_answers, noise_prob=noise_prob,
+                                seed=None if seed is None else seed * 1000 + turn, top_k=cfg.top_k)
+            started = time.perf_counter()
+            result = await engine.search(action.content, ctx)
+            stats.search_s += time.perf_counter() - started
+            stats.searches += 1
+            stats.queries.append(action.content)
+            stats.noisy.append(result.meta.noisy)
+            stats.failed_searches += int(result.meta.failed)
+            observation = observation_token_ids(result.text, tokenizer, cfg.max_obs_tokens)
+        else:
+            observation = tokenizer.encode(INVALID_ACTION_MESSAGE, add_special_tokens=False)
+        stats.observation_tokens += len(observation)
+        append(observation, 0)
+        if len(response_ids) >= cfg.max_response_tokens:
+            stats.finish_reason = "length"
+            break
+
+    response_text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    reward = score_response(response_text, golden_answers, cfg.reward_metric)
+    return EpisodeResult(response_ids, loss_mask, logprobs, response_text, reward, stats)

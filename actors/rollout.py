@@ -1,0 +1,190 @@
+"""``RolloutActor``: one vLLM policy engine in a Ray actor, running many search episodes concurrently.
+
+Each episode is one asyncio task over the shared ``AsyncLLM`` engine, so vLLM batches all active turns of all episodes
+together while searches are in flight. Trajectories stream out per group: as soon as all samples of one prompt are
+done, the group is yielded, so the driver can start on it without waiting for the slowest episode of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from actors.episode import EpisodeConfig, Generation, run_episode
+from actors.protocol import STOP_STRINGS, render_prompt
+from actors.trajectory import Trajectory
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling and engine settings of the policy rollout.
+
+    Attributes:
+        temperature, top_p, top_k: training sampling (paper: 1.0, 0.95, -1); evaluation uses greedy decoding.
+        max_prompt_tokens: prompts are left-truncated to this many tokens.
+        generate_timeout_s: one generation call; past it the episode ends with finish reason ``error``.
+        guided_first_turn_regex: if set, the first generation is constrained to this regex (structured outputs).
+            For tests with random models, which never write ``</search>`` by chance.
+        episode: per-episode limits (turns, token budgets, reward metric).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = -1
+    max_prompt_tokens: int = 1024
+    generate_timeout_s: float = 300.0
+    guided_first_turn_regex: str | None = None
+    episode: EpisodeConfig = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.episode is None:
+            self.episode = EpisodeConfig()
+
+
+@dataclass
+class EpisodeRequest:
+    """One episode to run: a prompt of a group, with what the reward and the simulator need."""
+
+    group_id: str
+    question: str
+    golden_answers: tuple[str, ...]
+    data_source: str
+    seed: int
+
+
+class PolicyEngine:
+    """The pure core of a rollout actor: vLLM engine, tokenizer, search engine, and the episode loop."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], search_engine: Any, cfg: RolloutConfig) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        args = AsyncEngineArgs(model=model, worker_extension_cls="actors.weight_loader.WeightLoaderExtension",
+                               **engine_kwargs)
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.search_engine = search_engine
+        self.max_model_len = engine_kwargs.get("max_model_len", 4096)
+        self.policy_version = 0
+
+    def prompt_ids(self, question: str) -> list[int]:
+        from actors.protocol import build_prompt_messages
+
+        text = render_prompt(build_prompt_messages(question), self.tokenizer)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids[-self.cfg.max_prompt_tokens:]
+
+    async def generate(self, context_ids: list[int], max_tokens: int, guided_regex: str | None = None,
+                       temperature: float | None = None) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        max_tokens = min(max_tokens, self.max_model_len - len(context_ids))
+        if max_tokens <= 0:
+            return Generation([], [], "length")
+        extra: dict[str, Any] = {}
+        if guided_regex:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(regex=guided_regex)
+        params = SamplingParams(
+            temperature=self.cfg.temperature if temperature is None else temperature,
+            top_p=self.cfg.top_p if (temperature is None or temperature > 0) else 1.0,
+            top_k=self.cfg.top_k,
+            max_tokens=max_tokens,
+            stop=list(STOP_STRINGS),
+            include_stop_str_in_output=True,
+            logprobs=0,
+            **extra,
+        )
+        final = None
+        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=context_ids), params,
+                                              request_id=uuid.uuid4().hex):
+            final = output
+        completion = final.outputs[0]
+        ids = list(completion.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+        return Generation(ids, logprobs, "length" if completion.finish_reason == "length" else "stop")
+
+    async def run(self, request: EpisodeRequest, noise_prob: float, temperature: float | None = None) -> Trajectory:
+        prompt_ids = self.prompt_ids(request.question)
+        turn = {"n": 0}
+
+        async def generate(context: list[int], budget: int) -> Generation:
+            regex = self.cfg.guided_first_turn_regex if turn["n"] == 0 else None
+            turn["n"] += 1
+            return await asyncio.wait_for(self.generate(context, budget, regex, temperature),
+                                          timeout=self.cfg.generate_timeout_s)
+
+        version = self.policy_version
+        result = await run_episode(prompt_ids, request.question, request.golden_answers, generate,
+                                   self.search_engine, self.tokenizer, self.cfg.episode, noise_prob, request.seed)
+        trajectory = Trajectory(
+            uid=uuid.uuid4().hex, group_id=request.group_id, prompt_ids=prompt_ids,
+            response_ids=result.response_ids, loss_mask=result.loss_mask, rollout_logprobs=result.logprobs,
+            reward=result.reward, golden_answers=request.golden_answers, data_source=request.data_source,
+            policy_version=version, noise_prob=noise_prob, stats=result.stats, response_text=result.response_text,
+        )
+        trajectory.check()
+        return trajectory
+
+    async def load_weights(self, path: str, version: int, timeout_s: float) -> float:
+        started = time.perf_counter()
+        await asyncio.wait_for(self.llm.collective_rpc("load_policy_weights", args=(path,)), timeout=timeout_s)
+        await self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        self.policy_version = version
+        return time.perf_counter() - started
+
+    async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Logprob of each token after the first, under the engine's current weights: the weight-sync canary."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        final = None
+        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=token_ids), params,
+                                              request_id=uuid.uuid4().hex):
+            final = output
+        return [step[token].logprob for step, token in zip(final.prompt_logprobs[1:], token_ids[1:])]
+
+
+class RolloutActor:
+    """Thin Ray shell over ``PolicyEngine``. Created with ``ray.remote(RolloutActor).options(...)`` by the driver."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], search_factory: Any, cfg: RolloutConfig,
+                 env: dict[str, str] | None = None) -> None:
+        os.environ.update(env or {})
+        self.core = PolicyEngine(model, engine_kwargs, search_factory(), cfg)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def rollout(self, requests: list[EpisodeRequest], group_size: int, noise_prob: float,
+                      temperature: float | None = None):
+        """Run ``group_size`` episodes per request; yield each group's trajectories as soon as the group is done."""
+        async def run_group(request: EpisodeRequest) -> list[Trajectory]:
+            episodes = [self.core.run(_with_seed(request, request.seed * 100 + k), noise_prob, temperature)
+                        for k in range(group_size)]
+            return list(await asyncio.gather(*episodes))
+
+        for finished in asyncio.as_completed([run_group(r) for r in requests]):
+            yield await finished
+
+    async def load_weights(self, path: str, version: int, timeout_s: float = 120.0) -> float:
+        return await self.core.load_weights(path, version, timeout_s)
+
+    async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        return await self.core.prompt_logprobs(token_ids)
+
+    async def policy_version(self) -> int:
+        return self.core.policy_version
+
+
+def _with_seed(request: EpisodeRequest, seed: int) -> EpisodeRequest:
+    return EpisodeRequest(request.group_id, request.question, request.golden_answers, request.data_source, seed)
