@@ -11,7 +11,7 @@ import asyncio
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors.episode import EpisodeConfig, Generation, run_episode
@@ -38,11 +38,7 @@ class RolloutConfig:
     max_prompt_tokens: int = 1024
     generate_timeout_s: float = 300.0
     guided_first_turn_regex: str | None = None
-    episode: EpisodeConfig = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.episode is None:
-            self.episode = EpisodeConfig()
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
 
 
 @dataclass

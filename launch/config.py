@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from actors.rollout import RolloutConfig
+from learners.config import LearnerConfig
+from simulator.config import SearchConfig, SimulatorConfig
 from simulator.curriculum import CurriculumConfig
 
 
@@ -128,6 +131,38 @@ class ClusterConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The RL loop.
+
+    Attributes:
+        algorithm: advantage estimator: ``grpo`` (the default), ``dr_grpo``, ``rloo``, ``reinforce`` (raw reward, the
+            paper's REINFORCE), ``reinforce_pp`` or ``reinforce_pp_baseline``.
+        total_steps: RL steps (paper: 203). The curriculum and the learning-rate warmup read it too.
+        prompts_per_step: distinct questions per step (paper: 64).
+        group_size: episodes per question (paper: n_agent = 5); GRPO's group.
+        max_staleness: policy versions a trajectory may lag; 0 is strictly on-policy.
+        save_every: checkpoint every this many steps (and at the end); 0 only at the end.
+        rollout_timeout_s: one step's rollout; a stalled engine fails the step instead of hanging the run.
+        sync_timeout_s: one weight sync.
+        canary_tolerance: largest mean |logprob gap| between engine and learner after a sync, in nats per token.
+        canary_text: fixed text whose logprobs are compared after each sync.
+        export_hf: write a Hugging Face export with the final checkpoint.
+    """
+
+    algorithm: str = "grpo"
+    total_steps: int = 4
+    prompts_per_step: int = 4
+    group_size: int = 4
+    max_staleness: int = 0
+    save_every: int = 0
+    rollout_timeout_s: float = 1800.0
+    sync_timeout_s: float = 300.0
+    canary_tolerance: float = 0.1
+    canary_text: str = "Answer the given question. <search> capital of France </search> <answer> Paris </answer>"
+    export_hf: bool = True
+
+
+@dataclass
 class Config:
     """The whole run. Groups are chosen on the command line (``model=tiny_llama``), fields set with ``key=value``."""
 
@@ -136,6 +171,11 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
 
 

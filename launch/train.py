@@ -2,29 +2,327 @@
 
     python -m launch.train --cfg job            # print the composed config and exit
     python -m launch.train model=tiny_llama     # the default job on the tiny test model
+
+One RL step, as in the paper's algorithm box:
+    1. sample B prompts; each is rolled out n times (a group)
+    2. read the noise probability p from the curriculum
+    3. roll out: vLLM policy engines run multi-turn search episodes against the (simulated) engine
+    4. advantages from the rewards (GRPO: group mean and std)
+    5. reference logprobs for the KL loss; one policy update on the learners (observation tokens masked)
+    6. publish the new weights; the engines load them in place; a canary checks they agree with the learner
+    7. advance the curriculum; log; checkpoint every k steps
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import signal
+import statistics
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launch.config import register_configs
-from launch.paths import ensure_data
+from launch.config import Config, register_configs
 
 register_configs()
 
 
+class CanaryError(RuntimeError):
+    """The engines' logprobs disagree with the learner's after a weight sync."""
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    OmegaConf.resolve(cfg)
+def main(dict_cfg: DictConfig) -> None:
+    run_dir = Path(dict_cfg.logger.run_dir)
+    cfg: Config = OmegaConf.to_object(dict_cfg)  # typed dataclasses from here on
+    train(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+
+
+def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    from actors.dataset import load_qa
+    from launch.assets import resolve_model
+    from launch.paths import ensure_data
+    from launch.run_logger import RunLogger
+    from launch.sampler import PromptSampler
+    from simulator.curriculum import build_curriculum
+
+    _check(cfg)
     files = ensure_data(cfg.data)
-    for name, path in files.items():
-        print(f"data.{name}\t{path}")
-    print("The RL training loop is not built yet (see the open issue 'The RL loop turns').", file=sys.stderr)
-    sys.exit(2)
+    sampler = PromptSampler(load_qa(files["train"]), seed=cfg.seed, shuffle=cfg.data.shuffle)
+    curriculum = build_curriculum(cfg.curriculum)
+    policy_path = resolve_model(cfg.model.name)
+    logger = RunLogger(run_dir, cfg.logger.wandb, cfg.logger.run_name, config_dict, resume=False)
+    print(f"run folder: {run_dir}", flush=True)
+
+    _init_ray(cfg)
+    stop = _StopFlag()
+    try:
+        cluster = Cluster(cfg, policy_path, str(files["corpus"]), run_dir)
+        for step in range(1, cfg.train.total_steps + 1):
+            t_step = time.perf_counter()
+            prompts = sampler.next(cfg.train.prompts_per_step)                          # 1
+            noise_prob = curriculum.noise_prob(step)                                     # 2
+            trajectories, t_gen = cluster.rollout(prompts, noise_prob, step)             # 3
+            samples = cluster.learner_batch(trajectories)                                # 4
+            train_metrics, t_train = cluster.update(samples)                             # 5
+            t_sync, canary_gap = cluster.sync_weights(version=step)                      # 6
+            metrics = _step_metrics(trajectories, train_metrics, noise_prob, t_gen, t_train, t_sync, canary_gap,
+                                    time.perf_counter() - t_step, cluster)
+            curriculum.observe(metrics["critic/score/mean"])                            # 7
+            logger.log(step, metrics, _sample_rows(trajectories, cfg.logger.wandb.sample_table_rows))
+            _print_step(step, cfg.train.total_steps, metrics)
+            if stop.requested or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler, export_hf=False)
+            if stop.requested:
+                print("interrupted: checkpoint written, exiting", flush=True)
+                break
+        final = cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler,
+                                   export_hf=cfg.train.export_hf)
+        plot = logger.plot()
+        wandb_dir = logger.finish()
+        summary = {"run_dir": str(run_dir), "metrics": str(logger.metrics_path), "plot": str(plot),
+                   "checkpoint": str(final), "wandb": wandb_dir, "steps": step}
+        print("\n".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
+        return summary
+    finally:
+        ray.shutdown()
+
+
+class Cluster:
+    """The actors of one run, placed from ``cfg.cluster``: policy engines, simulator pool, learners, reference."""
+
+    def __init__(self, cfg: Config, policy_path: str, corpus_path: str, run_dir: Path) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
+        from actors.rollout import RolloutActor
+        from learners.group import LearnerGroup
+        from learners.policy import PolicyLearner
+        from learners.reference import ReferenceLearner
+        from simulator.simulated import build_search_engine
+
+        self.cfg = cfg
+        c = cfg.cluster
+        timeout = c.actor_start_timeout_s
+        self.weights_dir = _weights_dir(run_dir)
+        self.pool = None
+        if cfg.search.engine == "simulated":
+            from simulator.pool import create_simulator_pool
+
+            self.pool = create_simulator_pool(cfg.simulator)
+        search_factory = functools.partial(build_search_engine, cfg.search, cfg.simulator, self.pool, corpus_path)
+        engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
+                             gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
+                             tensor_parallel_size=c.rollout_tensor_parallel)
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb)))}
+        self.engines = [
+            ray.remote(RolloutActor).options(num_cpus=1, num_gpus=c.rollout_gpus, max_concurrency=10_000)
+            .remote(policy_path, engine_kwargs, search_factory, cfg.rollout, env)
+            for _ in range(c.rollout_engines)
+        ]
+        learner_cfg = cfg.learner
+        learner_cfg.total_steps = cfg.train.total_steps
+        self.learners = LearnerGroup(PolicyLearner, c.learners, policy_path, learner_cfg, num_cpus=1,
+                                     num_gpus=c.learner_gpus, timeout_s=timeout)
+        self.reference = None
+        if learner_cfg.kl_coef > 0:
+            self.reference = ReferenceLearner.options(num_cpus=0.5, num_gpus=0).remote(
+                policy_path, bf16=learner_cfg.reference_bf16, offload=learner_cfg.offload_reference,
+                micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens)
+        ray.get([e.ready.remote() for e in self.engines], timeout=timeout)
+        tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
+
+    def rollout(self, prompts, noise_prob: float, step: int):
+        """Run every group; groups stream back as they finish. Every wait is bounded by the rollout timeout."""
+        import ray
+
+        from actors.rollout import EpisodeRequest
+
+        started = time.perf_counter()
+        deadline = started + self.cfg.train.rollout_timeout_s
+        requests = [EpisodeRequest(p.uid, p.question, p.golden_answers, p.data_source, seed=self.cfg.seed * 1_000_003
+                                   + step * 1000 + i) for i, p in enumerate(prompts)]
+        streams = [engine.rollout.options(num_returns="streaming").remote(
+                   requests[k::len(self.engines)], self.cfg.train.group_size, noise_prob)
+                   for k, engine in enumerate(self.engines)]
+        trajectories = []
+        for stream in streams:
+            while True:
+                ready, _ = ray.wait([stream], timeout=max(0.0, deadline - time.perf_counter()))
+                if not ready:
+                    raise TimeoutError(f"rollout of step {step} did not finish within "
+                                       f"train.rollout_timeout_s={self.cfg.train.rollout_timeout_s}")
+                try:
+                    ref = next(stream)
+                except StopIteration:
+                    break
+                trajectories.extend(ray.get(ref, timeout=60))
+        return trajectories, time.perf_counter() - started
+
+    def learner_batch(self, trajectories):
+        from launch.batching import learner_samples
+
+        return learner_samples(trajectories, self.cfg.train.algorithm)
+
+    def update(self, samples):
+        import ray
+
+        started = time.perf_counter()
+        if self.reference is not None:
+            ref = ray.get(self.reference.logprobs.remote(samples), timeout=self.cfg.cluster.actor_start_timeout_s)
+            for sample, logprobs in zip(samples, ref):
+                sample.ref_logprobs = logprobs
+        metrics = self.learners.train_step(samples)
+        return metrics, time.perf_counter() - started
+
+    def sync_weights(self, version: int) -> tuple[float, float]:
+        """Publish, load in every engine, then compare engine and learner logprobs on fixed tokens."""
+        import ray
+
+        from learners.batch import LearnerSample
+
+        started = time.perf_counter()
+        timeout = self.cfg.train.sync_timeout_s
+        path = self.learners.publish_weights(str(self.weights_dir), version)
+        ray.get([e.load_weights.remote(path, version, timeout) for e in self.engines], timeout=timeout)
+        _remove_older_weights(self.weights_dir, keep=path)
+        elapsed = time.perf_counter() - started
+        canary = LearnerSample(input_ids=self.canary_ids, prompt_len=1, loss_mask=[1] * (len(self.canary_ids) - 1))
+        [learner_lp] = self.learners.logprobs([canary])
+        gaps = []
+        for engine in self.engines:
+            engine_lp = ray.get(engine.prompt_logprobs.remote(self.canary_ids), timeout=timeout)
+            gaps.append(statistics.fmean(abs(a - b) for a, b in zip(engine_lp, learner_lp)))
+        gap = max(gaps)
+        if gap > self.cfg.train.canary_tolerance:
+            raise CanaryError(f"after syncing version {version}, engine and learner logprobs differ by {gap:.4f} "
+                              f"nats/token (train.canary_tolerance={self.cfg.train.canary_tolerance})")
+        return elapsed, gap
+
+    def checkpoint(self, root: Path, step: int, curriculum, sampler, export_hf: bool) -> Path:
+        """DeepSpeed states, the driver's state and (at the end) an HF export, under ``root/step_<k>``."""
+        folder = root / f"step_{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.learners.save_checkpoint(str(folder / "deepspeed"))
+        if export_hf:
+            self.learners.export_hf(str(folder / "hf"))
+        state = {"step": step, "curriculum": curriculum.state_dict(), "sampler": sampler.state_dict()}
+        _atomic_write_json(folder / "driver_state.json", state)
+        return folder
+
+    def pool_stats(self) -> dict[str, Any]:
+        import ray
+
+        if self.pool is None:
+            return {}
+        return ray.get(self.pool.stats.remote(), timeout=30)
+
+
+def _step_metrics(trajectories, train_metrics, noise_prob, t_gen, t_train, t_sync, canary_gap, t_step,
+                  cluster: Cluster) -> dict[str, float]:
+    from launch.batching import rollout_metrics
+
+    metrics = rollout_metrics(trajectories)
+    metrics.update({k: float(v) for k, v in train_metrics.items()})
+    generated = sum(t.stats.generated_tokens for t in trajectories)
+    t_sim = statistics.fmean(t.stats.search_s for t in trajectories)
+    metrics.update({
+        "search/noise_prob": noise_prob,
+        "timing_s/gen": t_gen,
+        "timing_s/sim_per_episode": t_sim,
+        "timing_s/train": t_train,
+        "timing_s/sync": t_sync,
+        "timing_s/step": t_step,
+        "timing_s/other": max(0.0, t_step - t_gen - t_train - t_sync),
+        "perf/tokens_per_s": generated / max(t_gen, 1e-9),
+        "sync/canary_gap": canary_gap,
+    })
+    for key, value in cluster.pool_stats().items():
+        if isinstance(value, (int, float)):
+            metrics[f"simulator/{key}"] = float(value)
+    return metrics
+
+
+def _sample_rows(trajectories, n: int) -> list[dict[str, Any]]:
+    return [{"group": t.group_id, "reward": t.reward, "searches": t.stats.searches, "finish": t.stats.finish_reason,
+             "answers": " | ".join(t.golden_answers), "response": t.response_text[:2000]}
+            for t in trajectories[:n]]
+
+
+def _print_step(step: int, total: int, m: dict[str, float]) -> None:
+    print(f"step {step}/{total}  reward {m['critic/score/mean']:.3f}  noise {m['search/noise_prob']:.3f}  "
+          f"searches {m['search/calls_per_episode']:.2f}  valid {m['episode/valid_action_share']:.2f}  "
+          f"kl {m.get('actor/kl', 0.0):.4f}  step {m['timing_s/step']:.1f}s (gen {m['timing_s/gen']:.1f}s, "
+          f"train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)", flush=True)
+
+
+def _check(cfg: Config) -> None:
+    from launch.batching import ALGORITHMS
+
+    if cfg.train.algorithm not in ALGORITHMS:
+        raise ValueError(f"train.algorithm={cfg.train.algorithm!r}; expected one of {list(ALGORITHMS)}")
+    if cfg.train.max_staleness != 0:
+        raise ValueError("train.max_staleness > 0 (asynchronous training) is not built yet; use 0")
+    if cfg.train.group_size < 2 and cfg.train.algorithm in ("grpo", "dr_grpo", "rloo"):
+        raise ValueError(f"train.group_size={cfg.train.group_size}: {cfg.train.algorithm} needs groups of 2 or more")
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, log_to_driver=False)
+        return
+    # Logical CPUs: one per engine, learner and simulator server even on a 2-core machine; they share the cores.
+    needed = cfg.cluster.rollout_engines + cfg.cluster.learners + cfg.simulator.num_servers + 1
+    num_cpus = cfg.cluster.num_cpus or max(needed, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def _weights_dir(run_dir: Path) -> Path:
+    """Shared memory when the machine has it: the engines read each new version without touching the disk."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else run_dir
+    folder = base / f"zerosearch-ray-weights-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _remove_older_weights(folder: Path, keep: str) -> None:
+    for path in folder.glob("*.safetensors"):
+        if str(path) != keep:
+            path.unlink(missing_ok=True)
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to checkpoint and exit after the current step instead of dying mid-write."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstop requested: finishing this step, then checkpointing (Ctrl-C again to abort)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""Which prompts each step trains on: seeded epochs over the training set, resumable from a saved position."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from actors.dataset import QAExample
+
+
+class PromptSampler:
+    """Walks seeded permutations of the dataset, one epoch after another. Its state is (epoch, position), so a resumed
+    run draws exactly the prompts the interrupted run would have drawn next."""
+
+    def __init__(self, examples: list[QAExample], seed: int, shuffle: bool = True) -> None:
+        if not examples:
+            raise ValueError("the training set is empty")
+        self.examples = examples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        return order
+
+    def next(self, count: int) -> list[QAExample]:
+        batch = []
+        while len(batch) < count:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            batch.append(self.examples[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.examples)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["size"] != len(self.examples) or state["seed"] != self.seed:
+            raise ValueError(f"sampler state is for {state['size']} examples with seed {state['seed']}, "
+                             f"this run has {len(self.examples)} with seed {self.seed}")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)

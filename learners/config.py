@@ -1,0 +1,99 @@
+"""Learner hyperparameters: one documented dataclass shared by the policy, reference and SFT learners.
+
+Defaults are the paper's (spec section 7): AdamW lr 1e-6, betas (0.9, 0.999), weight decay 0.01, linear warmup then a
+constant rate, stepped once per RL step, grad clip 1.0, PPO clip 0.2, entropy 0.001, KL loss 0.001 with ``low_var_kl``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LearnerConfig:
+    """How a learner builds its DeepSpeed engine and computes its loss.
+
+    Attributes:
+        zero_stage: DeepSpeed ZeRO stage 0-3. 2 shards optimizer state and gradients across data-parallel ranks; 3 also
+            shards the weights (publishing and exporting then gather them on rank 0).
+        bf16: train in bfloat16 with fp32 master weights kept by DeepSpeed. Off gives plain fp32 (exact tests).
+        gradient_checkpointing: recompute activations in the backward pass; trades compute for memory.
+        lr: peak learning rate (the paper's actor: 1e-6).
+        betas: AdamW's (β1, β2).
+        adam_eps: AdamW's ε.
+        weight_decay: AdamW's decoupled weight decay (0.01 in the paper), applied to every parameter as verl does.
+        torch_adam: use torch's AdamW inside DeepSpeed instead of its fused kernel (needed on CPU; avoids a JIT build).
+        warmup_steps: optimizer steps of linear warmup, after which the rate stays constant. When None it is derived
+            as ``int(warmup_ratio * total_steps)``; the paper's 0.95 * 203 gives 192.
+        warmup_ratio: share of ``total_steps`` spent warming up, used only when ``warmup_steps`` is None.
+        total_steps: RL steps of the run, for ``warmup_ratio`` (the paper: 203).
+        grad_clip: clip the global gradient norm to this value (0 disables clipping).
+        micro_batch_tokens: token budget of one micro-batch, padding included (rows × longest row). Samples are sorted
+            by length and packed greedily; a sample longer than the budget gets a micro-batch of its own.
+        clip_eps: PPO ratio clip ε (lower side, and upper side unless ``clip_eps_high`` is set).
+        clip_eps_high: DAPO's clip-higher upper ε; None means symmetric.
+        dual_clip: dual-clip constant c > 1 bounding the loss of negative-advantage tokens; None disables it.
+        kl_coef: weight of the KL-to-reference loss, ADDED to the loss (the original subtracted it, spec section 7).
+            0 turns the KL loss off (PPO puts its KL in the reward instead).
+        kl_kind: KL estimator of the loss: ``k1``, ``k2``, ``k3``/``low_var_kl`` (see ``algorithms.kl_estimate``).
+        entropy_coef: weight of the entropy bonus (subtracted from the loss).
+        ppo_epochs: passes over the batch per RL step; each pass is one optimizer step.
+        tis_cap: truncated importance-sampling cap for off-policy rollout logprobs; None disables TIS. Only used when
+            the driver passes rollout logprobs separately from recomputed ``old_logprobs``.
+        offload_reference: keep the frozen reference model on the CPU between calls (GPU runs); no effect on CPU.
+        reference_bf16: run the reference model in bfloat16 (else fp32).
+        logprob_micro_batch_tokens: token budget of a micro-batch in ``logprobs`` (no gradient: can be larger).
+        seed: seed of torch's RNG in each learner.
+        extra_deepspeed: keys merged last into the generated DeepSpeed config (e.g. offload settings), for what the
+            fields above do not cover.
+    """
+
+    zero_stage: int = 2
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    torch_adam: bool = True
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.95
+    total_steps: int = 203
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 8192
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    kl_coef: float = 0.001
+    kl_kind: str = "low_var_kl"
+    entropy_coef: float = 0.001
+    ppo_epochs: int = 1
+    tis_cap: float | None = None
+    offload_reference: bool = False
+    reference_bf16: bool = True
+    logprob_micro_batch_tokens: int = 16384
+    seed: int = 0
+    extra_deepspeed: dict = field(default_factory=dict)
+
+    def resolved_warmup_steps(self) -> int:
+        """Warmup length in optimizer steps: ``warmup_steps`` if given, else ``int(warmup_ratio * total_steps)``."""
+        if self.warmup_steps is not None:
+            return max(0, int(self.warmup_steps))
+        return max(0, int(self.warmup_ratio * self.total_steps))
+
+    def validate(self) -> None:
+        """Fail at start, naming the key, rather than deep inside DeepSpeed."""
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.lr <= 0:
+            raise ValueError(f"learner.lr must be positive, got {self.lr}")
+        if self.micro_batch_tokens <= 0 or self.logprob_micro_batch_tokens <= 0:
+            raise ValueError("learner.micro_batch_tokens and learner.logprob_micro_batch_tokens must be positive")
+        if self.kl_coef < 0:
+            raise ValueError(f"learner.kl_coef must be >= 0 (the KL is added to the loss), got {self.kl_coef}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"learner.dual_clip must be > 1 or null, got {self.dual_clip}")
+        if self.ppo_epochs < 1:
+            raise ValueError(f"learner.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        if self.kl_kind not in ("k1", "k2", "k3", "low_var_kl"):
+            raise ValueError(f"learner.kl_kind must be one of k1, k2, k3, low_var_kl; got {self.kl_kind!r}")

@@ -1,0 +1,110 @@
+"""torch.distributed for a learner rank living inside a Ray actor.
+
+Ray starts each learner actor as a plain process, so nothing has set the variables that ``torchrun`` would. Rank 0
+picks its own address and a free port; the caller hands them to every rank, and each rank exports the usual env
+variables and joins the group through DeepSpeed. Gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# How long ranks wait for each other at rendezvous and in collectives before failing loudly rather than hanging.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def node_ip() -> str:
+    """An address other ranks can reach this process at (loopback when the host has no routable address)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:  # pragma: no cover - ray is a dependency, but this module does not need it
+        pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago; rank 0 asks for one and every rank rendezvous on it."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Export the torchrun variables and join the process group through DeepSpeed.
+
+    ``LOCAL_RANK`` is 0: Ray gives each GPU actor its own ``CUDA_VISIBLE_DEVICES``, so the one visible device is
+    always device 0. Idempotent: a second call in an initialised process does nothing.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.update({
+        "RANK": str(rank),
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+    })
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend or default_backend(), timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+
+
+def init_single_process(backend: str | None = None) -> None:
+    """A world of one (tests, scripts): rank 0 on a free local port."""
+    init_distributed(0, 1, "127.0.0.1", free_port(), backend)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _all_reduce(value: float, op: dist.ReduceOp, device: torch.device) -> float:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def all_reduce_sum(value: float, device: torch.device | str = "cpu") -> float:
+    """Σ over ranks (token counts: the global denominator of the token-mean loss). float64 keeps counts exact."""
+    return _all_reduce(float(value), dist.ReduceOp.SUM, torch.device(device))
+
+
+def all_reduce_max(value: float, device: torch.device | str = "cpu") -> float:
+    """max over ranks (the number of micro-batches every rank must run so collectives line up)."""
+    return _all_reduce(float(value), dist.ReduceOp.MAX, torch.device(device))
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

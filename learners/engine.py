@@ -1,0 +1,406 @@
+"""What the policy and SFT learners share: the HF model inside a DeepSpeed engine, batching, exact gradient
+accumulation, and writing weights out (published safetensors, DeepSpeed checkpoints, HF exports).
+
+Exact accumulation over a variable number of micro-batches
+----------------------------------------------------------
+The loss of the step is a token mean over the whole global batch: Σ_{all ranks, all micro-batches} m_t L_t / N_global.
+Each micro-batch backpropagates ``token_mean_loss(..., N_global)``, its share of that sum, and three things are done so
+that DeepSpeed neither rescales nor reduces at the wrong time:
+
+* ``engine.backward(loss, scale_wrt_gas=False)``: DeepSpeed would otherwise divide by its static
+  ``gradient_accumulation_steps``, which says nothing about how many micro-batches this step has.
+* ``engine.set_gradient_accumulation_boundary(i == last)`` before every backward, and one ``engine.step()`` at the end:
+  the boundary is ours, not DeepSpeed's micro-step counter, so any number of micro-batches makes one optimizer step.
+* DeepSpeed AVERAGES gradients over the data-parallel ranks, so the loss is multiplied by the world size to turn that
+  average back into the sum above. ZeRO-2/3 communicate on every backward, so every rank must run the same number
+  of micro-batches: ranks with fewer run extra micro-batches whose loss is multiplied by 0.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from learners import distributed as D
+from learners.batch import LearnerSample
+from learners.config import LearnerConfig
+from learners.micro_batching import MicroBatchPlan, pack_by_token_budget
+
+CHECKPOINT_TAG = "deepspeed"
+WEIGHTS_PREFIX = "policy-v"
+
+
+def device() -> torch.device:
+    """The accelerator this process computes on (``cpu`` with DeepSpeed's CPU accelerator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded tensors of a few samples, with per-response-token tensors of shape ``[B, R]``.
+
+    ``positions[b, t]`` is the logit position that predicts response token ``t`` of row ``b`` (``prompt_len + t − 1``);
+    ``valid`` is 1 on real response tokens, ``loss_mask`` is the sample's mask and 0 on padding.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    positions: Tensor
+    targets: Tensor
+    valid: Tensor
+    loss_mask: Tensor
+    advantages: Tensor
+    old_logprobs: Tensor
+    has_old: Tensor  # [B, 1] bool: the sample carries old_logprobs
+    ref_logprobs: Tensor
+    has_ref: Tensor  # [B, 1] bool
+    response_lens: list[int]
+
+
+def _padded(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype, dev: torch.device) -> Tensor:
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, row in enumerate(rows):
+        if len(row):
+            out[i, : len(row)] = torch.tensor(list(row), dtype=dtype)
+    return out.to(dev)
+
+
+def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0) -> MicroBatch:
+    """Stack samples, right-padded: pads sit after every real token, so causal attention never sees them."""
+    for s in samples:
+        if s.prompt_len < 1:
+            raise ValueError("a sample needs at least one prompt token (the first response token is predicted from it)")
+    width = max(len(s.input_ids) for s in samples)
+    resp = [s.response_len for s in samples]
+    r_width = max(resp)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(samples), width, dtype=torch.long)
+    positions = torch.zeros(len(samples), r_width, dtype=torch.long)
+    for i, s in enumerate(samples):
+        input_ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
+        attention[i, : len(s.input_ids)] = 1
+        positions[i, : resp[i]] = torch.arange(s.prompt_len - 1, s.prompt_len - 1 + resp[i])
+    targets = torch.zeros(len(samples), r_width, dtype=torch.long)
+    for i, s in enumerate(samples):
+        targets[i, : resp[i]] = input_ids[i, s.prompt_len: s.prompt_len + resp[i]]
+    valid = _padded([[1] * n for n in resp], r_width, torch.bool, dev)
+    loss_mask = _padded([s.loss_mask or [1] * s.response_len for s in samples], r_width, torch.bool, dev) & valid
+    return MicroBatch(
+        input_ids=input_ids.to(dev),
+        attention_mask=attention.to(dev),
+        positions=positions.to(dev),
+        targets=targets.to(dev),
+        valid=valid,
+        loss_mask=loss_mask,
+        advantages=_padded([s.advantages for s in samples], r_width, torch.float32, dev),
+        old_logprobs=_padded([s.old_logprobs for s in samples], r_width, torch.float32, dev),
+        has_old=torch.tensor([[bool(s.old_logprobs)] for s in samples], device=dev),
+        ref_logprobs=_padded([s.ref_logprobs for s in samples], r_width, torch.float32, dev),
+        has_ref=torch.tensor([[bool(s.ref_logprobs)] for s in samples], device=dev),
+        response_lens=resp,
+    )
+
+
+def response_logits(model: Callable, mb: MicroBatch) -> Tensor:
+    """fp32 logits ``[B, R, V]`` at the positions that predict each response token."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+    index = mb.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, index).float()
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log π(target) per position, ``[B, R]``."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def aligned_plan(lengths: Sequence[int], token_budget: int) -> tuple[MicroBatchPlan, int]:
+    """The local packing plan and how many micro-batches EVERY rank must run (the max over ranks)."""
+    plan = pack_by_token_budget(lengths, token_budget)
+    return plan, int(D.all_reduce_max(len(plan.batches)))
+
+
+@torch.no_grad()
+def compute_logprobs(model: Callable, samples: Sequence[LearnerSample], token_budget: int, dev: torch.device,
+                     pad_id: int = 0, align_ranks: bool = False) -> list[list[float]]:
+    """Per response token log π(token | prefix) of each sample, in input order.
+
+    ``align_ranks``: run as many forwards as the busiest rank (ZeRO-3 gathers weights collectively on every forward).
+    """
+    if not samples:
+        if align_ranks:
+            raise ValueError("every data-parallel rank needs at least one sample")
+        return []
+    lengths = [len(s.input_ids) for s in samples]
+    if align_ranks:
+        plan, count = aligned_plan(lengths, token_budget)
+    else:  # no collective: safe to call from one rank alone (e.g. a reference model living in a learner process)
+        plan = pack_by_token_budget(lengths, token_budget)
+        count = len(plan.batches)
+    out: list[list[float]] = [[] for _ in samples]
+    for i in range(count):
+        real = i < len(plan.batches)
+        idx = plan.batches[i] if real else plan.batches[0]
+        mb = collate([samples[j] for j in idx], dev, pad_id)
+        logp = token_logprobs(response_logits(model, mb), mb.targets).cpu()
+        if real:
+            for row, j in enumerate(idx):
+                out[j] = logp[row, : mb.response_lens[row]].tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files written atomically
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an existing one is moved aside first, so readers never see a half state."""
+    final = Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup then constant: (step + 1) / warmup for the first ``warmup`` steps, 1 afterwards.
+
+    ``step + 1`` so the first optimizer step already moves the weights (verl's schedule starts at 0, wasting a step).
+    """
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict:
+    """The DeepSpeed config of a learner. Accumulation is driven by hand (see module docstring), so the static
+    ``gradient_accumulation_steps`` stays 1 and the micro-batch size is nominal."""
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.bf16},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.adam_eps,
+                       "weight_decay": cfg.weight_decay, "torch_adam": cfg.torch_adam},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.zero_stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    for key, value in cfg.extra_deepspeed.items():
+        config[key] = value
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shared core
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DeepSpeedCore:
+    """An HF causal LM in a DeepSpeed engine. Subclasses define the loss; this class does the plumbing.
+
+    Joins a one-process group when none exists, so the core also runs outside Ray (scripts, tests). In a
+    data-parallel group every method here is collective: call it on every rank.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, cfg: LearnerConfig) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        cfg.validate()
+        self.cfg = cfg
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            D.init_single_process()
+        torch.manual_seed(cfg.seed)
+        self.device = device()
+        self.model_path = str(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        # fp32 weights in: DeepSpeed keeps them as the master copy and casts the module to bf16 when bf16 is on.
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        warmup = cfg.resolved_warmup_steps()
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, warmup)),
+        )
+        self.global_step = 0
+
+    # -- forward passes -------------------------------------------------------------------------------------------
+
+    def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
+        """Per response token logprobs under the current weights, no gradient (old / behaviour logprobs)."""
+        self.engine.eval()
+        try:
+            # Only ZeRO-3 gathers weights collectively in the forward; other stages can run unaligned forwards.
+            align = D.world_size() > 1 and self.cfg.zero_stage == 3
+            return compute_logprobs(self.engine, samples, self.cfg.logprob_micro_batch_tokens, self.device,
+                                    self.pad_id, align_ranks=align)
+        finally:
+            self.engine.train()
+
+    def _accumulate(self, samples: Sequence[LearnerSample], loss_fn: Callable[[MicroBatch, float], tuple[Tensor, dict]]
+                    ) -> tuple[dict[str, float], float, MicroBatchPlan]:
+        """Backward every micro-batch with an exact global token mean, then ONE optimizer step.
+
+        ``loss_fn(mb, n_global)`` returns the micro-batch's share of the token-mean loss and a dict of metric SUMS
+        over its masked tokens. Returns those sums all-reduced over ranks, the global masked-token count, the plan.
+        """
+        if not samples:
+            raise ValueError("train_step needs at least one sample on every data-parallel rank")
+        for s in samples:
+            s.validate()
+        plan, count = aligned_plan([len(s.input_ids) for s in samples], self.cfg.micro_batch_tokens)
+        local_tokens = sum(sum(s.loss_mask) if s.loss_mask else s.response_len for s in samples)
+        n_global = D.all_reduce_sum(local_tokens)
+        if n_global <= 0:
+            raise ValueError("the batch has no token with loss_mask == 1 on any rank: nothing to learn from")
+        scale = float(D.world_size())  # DeepSpeed averages over ranks; the token mean wants their sum
+        sums: dict[str, float] = {}
+        self.engine.train()
+        for i in range(count):
+            real = i < len(plan.batches)
+            idx = plan.batches[i] if real else plan.batches[0]
+            mb = collate([samples[j] for j in idx], self.device, self.pad_id)
+            self.engine.set_gradient_accumulation_boundary(i == count - 1)
+            loss, stats = loss_fn(mb, n_global)
+            if not real:
+                loss = loss * 0.0  # keeps this rank's collectives in step with busier ranks
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
+            if real:
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        self.engine.step()
+        self.global_step += 1
+        keys = sorted(sums)
+        if D.world_size() > 1:
+            reduced = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(reduced)
+            sums = dict(zip(keys, reduced.tolist()))
+        return sums, n_global, plan
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if isinstance(norm, Tensor) else norm)
+
+    # -- weights out ------------------------------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """Every parameter by its HF name, on the CPU, in the training dtype; None on ranks other than 0.
+
+        Under ZeRO-3 each parameter is gathered in turn (collective: call on every rank). Tied weights appear once,
+        under the name ``named_parameters`` gives them, as in the checkpoints ``save_pretrained`` writes.
+        """
+        import deepspeed
+
+        is_zero3 = self.cfg.zero_stage == 3
+        out: dict[str, Tensor] = {}
+        for name, param in self.engine.module.named_parameters():
+            if is_zero3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if D.rank() == 0:
+                        out[name] = param.detach().cpu().clone()
+            elif D.rank() == 0:
+                out[name] = param.detach().cpu().clone()
+        return out if D.rank() == 0 else None
+
+    def publish_weights(self, directory: str | os.PathLike, version: int) -> str:
+        """Write the full weights to ``<directory>/policy-v<version>.safetensors`` atomically; return the path.
+
+        The rollout side loads it into vLLM; tmp + ``os.replace`` means a reader never opens a half-written file.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        path = directory / f"{WEIGHTS_PREFIX}{version:08d}.safetensors"
+        state = self.full_state_dict()
+        if D.rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            try:
+                save_file({k: v.contiguous() for k, v in state.items()}, tmp,
+                          metadata={"version": str(version), "format": "pt"})
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        D.barrier()
+        return str(path)
+
+    def export_hf(self, directory: str | os.PathLike) -> str:
+        """``save_pretrained`` + tokenizer into ``directory`` (atomic): loads in transformers and vLLM."""
+        directory = Path(directory)
+        state = self.full_state_dict()
+        if D.rank() == 0:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+            try:
+                module = self.engine.module
+                module.config.dtype = next(iter(state.values())).dtype
+                module.config.use_cache = True
+                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                replace_dir(tmp, directory)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        D.barrier()
+        return str(directory)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> str:
+        """DeepSpeed state (weights, optimizer, scheduler, step) into ``directory``, via a temp folder and a rename.
+
+        Every rank writes its shards into the same temp folder, so it lives beside ``directory`` on shared storage.
+        """
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        if D.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        D.barrier()
+        self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"global_step": self.global_step})
+        D.barrier()
+        if D.rank() == 0:
+            replace_dir(tmp, directory)
+        D.barrier()
+        return str(directory)
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Restore what ``save_checkpoint`` wrote: training continues as if it had never stopped."""
+        load_path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG,
+                                                              load_optimizer_states=True,
+                                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {directory}")
+        self.global_step = int((client_state or {}).get("global_step", 0))

@@ -1,0 +1,81 @@
+"""A data-parallel group of learner actors, driven as one learner.
+
+The driver calls ``train_step(samples)`` on the group; the group shards the batch across ranks (balanced by tokens),
+and each rank's core all-reduces the global token count, so the update equals one learner's on the whole batch.
+Every remote call has a timeout: a hung rank fails the step instead of stalling the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ray
+
+from learners.batch import LearnerSample
+from learners.config import LearnerConfig
+
+DEFAULT_TIMEOUT_S = 900.0
+
+
+def shard_by_tokens(lengths: Sequence[int], num_shards: int) -> list[list[int]]:
+    """Indices per shard: longest first onto the lightest shard, so ranks get similar work. Each shard keeps input
+    order. Needs at least one sample per shard (a rank without data cannot join the collectives meaningfully)."""
+    if len(lengths) < num_shards:
+        raise ValueError(f"{len(lengths)} samples cannot feed {num_shards} data-parallel learners")
+    loads = [0] * num_shards
+    shards: list[list[int]] = [[] for _ in range(num_shards)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = min(range(num_shards), key=lambda k: (loads[k], len(shards[k])))
+        shards[k].append(i)
+        loads[k] += lengths[i]
+    return [sorted(s) for s in shards]
+
+
+class LearnerGroup:
+    """``num_learners`` actors of ``actor_cls`` (a ``ray.remote`` learner shell) forming one DeepSpeed group."""
+
+    def __init__(self, actor_cls, num_learners: int, model_path: str, cfg: LearnerConfig, num_cpus: float = 1,
+                 num_gpus: float = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self.actors = [actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(rank, num_learners)
+                       for rank in range(num_learners)]
+        addr, port = ray.get(self.actors[0].master_address.remote(), timeout=timeout_s)
+        self._get([a.setup.remote(addr, port, str(model_path), cfg) for a in self.actors])
+
+    def _get(self, refs):
+        return ray.get(refs, timeout=self.timeout_s)
+
+    def _shards(self, samples: Sequence[LearnerSample]) -> list[list[int]]:
+        return shard_by_tokens([len(s.input_ids) for s in samples], len(self.actors))
+
+    def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
+        """One update over the whole batch; the metrics are global (identical on every rank), rank 0's are returned."""
+        shards = self._shards(samples)
+        results = self._get([a.train_step.remote([samples[i] for i in idx]) for a, idx in zip(self.actors, shards)])
+        return results[0]
+
+    def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
+        shards = self._shards(samples)
+        parts = self._get([a.logprobs.remote([samples[i] for i in idx]) for a, idx in zip(self.actors, shards)])
+        out: list[list[float]] = [[] for _ in samples]
+        for idx, part in zip(shards, parts):
+            for i, row in zip(idx, part):
+                out[i] = row
+        return out
+
+    def publish_weights(self, directory: str, version: int) -> str:
+        return self._get([a.publish_weights.remote(str(directory), version) for a in self.actors])[0]
+
+    def save_checkpoint(self, directory: str) -> str:
+        return self._get([a.save_checkpoint.remote(str(directory)) for a in self.actors])[0]
+
+    def load_checkpoint(self, directory: str) -> None:
+        self._get([a.load_checkpoint.remote(str(directory)) for a in self.actors])
+
+    def export_hf(self, directory: str) -> str:
+        return self._get([a.export_hf.remote(str(directory)) for a in self.actors])[0]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

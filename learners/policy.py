@@ -1,0 +1,138 @@
+"""The policy learner: PPO-clip + KL-to-reference + entropy, on model tokens only, one optimizer step per RL step.
+
+``PolicyTrainer`` is the testable core (no Ray); ``PolicyLearner`` is the thin Ray actor around it, one per
+data-parallel rank (see ``learners/group.py`` for starting a group of them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import ray
+import torch
+from torch import Tensor
+
+from learners import distributed as D
+from learners.algorithms import (
+    combine_policy_loss,
+    entropy_from_logits,
+    kl_estimate,
+    masked_sum,
+    policy_gradient_loss,
+    token_mean_loss,
+)
+from learners.batch import LearnerSample
+from learners.config import LearnerConfig
+from learners.engine import DeepSpeedCore, MicroBatch, response_logits, token_logprobs
+
+
+class PolicyTrainer(DeepSpeedCore):
+    """The actor's update. Every sample needs ``advantages``; ``ref_logprobs`` when ``kl_coef > 0``."""
+
+    def _policy_loss(self, mb: MicroBatch, n_global: float) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        mask = mb.loss_mask
+        logits = response_logits(self.engine, mb)
+        logp = token_logprobs(logits, mb.targets)
+        # No old logprobs: the update is on-policy, ratio 1 (the gradient is still A ∇log π).
+        old = torch.where(mb.has_old & mask, mb.old_logprobs, logp.detach())
+        pg_tok, stats = policy_gradient_loss(logp, old, mb.advantages, cfg.clip_eps, cfg.clip_eps_high,
+                                             cfg.dual_clip, loss_mask=mask)
+        ref = torch.where(mb.has_ref & mask, mb.ref_logprobs, logp.detach())
+        kl_tok = kl_estimate(logp, ref, cfg.kl_kind)
+        if cfg.entropy_coef != 0:
+            ent_tok = entropy_from_logits(logits)
+        else:
+            with torch.no_grad():
+                ent_tok = entropy_from_logits(logits)
+        total = combine_policy_loss(pg_tok, kl_tok if cfg.kl_coef else None, ent_tok, cfg.kl_coef, cfg.entropy_coef)
+        loss = token_mean_loss(total, mask, n_global)
+        n_local = float(mask.sum().item())
+        with torch.no_grad():
+            sums = {
+                "pg_loss": masked_sum(pg_tok, mask).item(),
+                "kl": masked_sum(kl_tok, mask).item(),
+                "entropy": masked_sum(ent_tok, mask).item(),
+                "clip_frac": stats.clip_frac * n_local,
+                "approx_kl": stats.approx_kl * n_local,
+            }
+        return loss, sums
+
+    def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
+        """One RL update over ``samples`` (this rank's share of the batch): ``ppo_epochs`` optimizer steps.
+
+        Metrics are token means over the whole global batch (all ranks), taken during the last epoch's forward.
+        """
+        for s in samples:
+            if len(s.advantages) != s.response_len:
+                raise ValueError(f"a policy sample needs one advantage per response token ({s.response_len}), "
+                                 f"got {len(s.advantages)}")
+            if self.cfg.kl_coef > 0 and not s.ref_logprobs:
+                raise ValueError("kl_coef > 0 but a sample has no ref_logprobs (compute them with the reference model)")
+        metrics: dict[str, float] = {}
+        for _ in range(self.cfg.ppo_epochs):
+            lr = self.current_lr()
+            sums, n_global, plan = self._accumulate(samples, self._policy_loss)
+            metrics = {f"actor/{k}": v / n_global for k, v in sums.items()}
+            metrics.update({
+                "actor/grad_norm": self.grad_norm(),
+                "actor/lr": lr,
+                "actor/padding_share": plan.padding_share,
+                "actor/num_tokens": n_global,
+                "actor/micro_batches": float(len(plan.batches)),
+            })
+        return metrics
+
+
+class LearnerActorShell:
+    """The Ray side of a learner: joins the process group, then forwards calls to its core.
+
+    Construction is cheap and separate from ``setup`` because the group must first ask rank 0 for an address.
+    """
+
+    core_cls: type[DeepSpeedCore] = DeepSpeedCore
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.core: DeepSpeedCore | None = None
+
+    def master_address(self) -> tuple[str, int]:
+        """Rank 0's reachable address and a free port, for every rank's rendezvous."""
+        return D.node_ip(), D.free_port()
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig) -> None:
+        D.init_distributed(self.rank, self.world_size, master_addr, master_port)
+        self.core = self.core_cls(model_path, cfg)
+
+    def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
+        return self.core.logprobs(samples)
+
+    def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
+        return self.core.train_step(samples)
+
+    def publish_weights(self, directory: str, version: int) -> str:
+        return self.core.publish_weights(directory, version)
+
+    def save_checkpoint(self, directory: str) -> str:
+        return self.core.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.core.load_checkpoint(directory)
+
+    def export_hf(self, directory: str) -> str:
+        return self.core.export_hf(directory)
+
+    def global_step(self) -> int:
+        return self.core.global_step
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class PolicyLearnerActor(LearnerActorShell):
+    core_cls = PolicyTrainer
+
+
+PolicyLearner = ray.remote(PolicyLearnerActor)

@@ -1,0 +1,377 @@
+"""The policy learner on real DeepSpeed (CPU, gloo) with tiny-llama.
+
+torch.distributed state is global to a process, so each DeepSpeed scenario runs in a fresh subprocess
+(``python -m tests.test_learner_policy <scenario>``) or in Ray actors, and reports a JSON line back. One scenario
+checks several things, to keep the number of slow DeepSpeed start-ups small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+SCENARIO_TIMEOUT_S = 600
+
+
+def run_scenario(module: str, name: str, tmp_path: Path) -> dict:
+    """Run ``name`` from ``module`` in a fresh interpreter; return the dict it printed after ``RESULT``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-m", module, name, str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=SCENARIO_TIMEOUT_S, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [line] = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(line[len("RESULT "):])
+
+
+def make_samples(seed: int = 0, n: int = 5, trailing_obs: bool = True) -> list:
+    """Samples of different lengths with an observation gap (mask 0) in the middle and, optionally, at the end."""
+    from learners.batch import LearnerSample
+
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        prompt, response = 3 + (i * 2) % 5, 6 + (i * 5) % 9
+        ids = [rng.randrange(100, 5000) for _ in range(prompt + response)]
+        mask = [1] * response
+        mask[2:4] = [0, 0]
+        if trailing_obs:
+            mask[-1] = 0
+        adv = rng.choice([-1.0, 0.5, 1.0])
+        samples.append(LearnerSample(ids, prompt, mask, advantages=[adv] * response))
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scenarios (run in a subprocess)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _params(trainer) -> dict:
+    return {n: p.detach().float().clone() for n, p in trainer.engine.module.named_parameters()}
+
+
+def scenario_core(out_dir: str) -> dict:
+    """bf16 ZeRO-2: reference == policy, a step, the KL sign, publish, export, checkpoint round trip."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from launch.assets import model_path
+    from learners.config import LearnerConfig
+    from learners.policy import PolicyTrainer
+    from learners.reference import ReferenceModel
+
+    path = model_path("tiny-llama")
+    out = Path(out_dir)
+    trainer = PolicyTrainer(path, LearnerConfig(lr=1e-2, warmup_steps=0, micro_batch_tokens=48, kl_coef=0.001))
+    reference = ReferenceModel(path, bf16=True)
+    samples = make_samples()
+    ref = reference.logprobs(samples)
+    pol = trainer.logprobs(samples)
+    result: dict = {"ref_vs_policy_max_abs": max(abs(a - b) for x, y in zip(ref, pol) for a, b in zip(x, y)),
+                    "logprob_lens_ok": all(len(x) == s.response_len for x, s in zip(ref, samples))}
+    for s, r in zip(samples, ref):
+        s.ref_logprobs = r
+
+    before = _params(trainer)
+    metrics = trainer.train_step(samples)
+    after = _params(trainer)
+    result["metrics"] = metrics
+    result["changed"] = sum(not torch.equal(before[n], after[n]) for n in before)
+    result["total"] = len(before)
+
+    # KL sign: a fresh optimizer (no momentum from the step above), advantages 0, entropy off, a large KL weight and a
+    # reference that disagrees with the policy. Each step must bring the policy closer to that reference.
+    kl_trainer = PolicyTrainer(path, LearnerConfig(lr=1e-3, warmup_steps=0, kl_coef=1.0, entropy_coef=0.0))
+    shifted = [s.__class__(**{**s.__dict__, "advantages": [0.0] * s.response_len,
+                              "ref_logprobs": [x - 1.0 for x in r]}) for s, r in zip(samples, ref)]
+    result["kl_trace"] = [kl_trainer.train_step(shifted)["actor/kl"] for _ in range(4)]
+    del kl_trainer
+
+    # Published weights: every parameter, HF names, same values.
+    published = trainer.publish_weights(out / "weights", version=3)
+    tensors = load_file(published)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    now = _params(trainer)
+    result["published_name"] = Path(published).name
+    result["published_keys_match"] = set(tensors) == {n for n, _ in hf.named_parameters()}
+    result["published_values_match"] = all(torch.equal(tensors[n].float(), now[n]) for n in now)
+    result["no_tmp_left"] = sorted(p.name for p in (out / "weights").iterdir())
+
+    # HF export loads in transformers and carries the trained weights.
+    exported = AutoModelForCausalLM.from_pretrained(trainer.export_hf(out / "hf"), dtype=torch.float32)
+    result["export_matches"] = all(torch.equal(p.float(), now[n]) for n, p in exported.named_parameters())
+
+    # Checkpoint round trip: save, step (A), load, same step (B): A == B.
+    trainer.save_checkpoint(out / "ckpt")
+    step_before = trainer.global_step
+    metrics_a = trainer.train_step(samples)
+    weights_a = _params(trainer)
+    trainer.train_step(samples)  # move further away, so the load has something to undo
+    trainer.load_checkpoint(out / "ckpt")
+    result["step_restored"] = trainer.global_step == step_before
+    metrics_b = trainer.train_step(samples)
+    weights_b = _params(trainer)
+    result["resume_weights_equal"] = all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+    result["resume_metrics_equal"] = metrics_a == metrics_b
+    result["ckpt_dirs"] = sorted(p.name for p in out.iterdir())
+    return result
+
+
+def _exact_config(**overrides):
+    """fp32 and an AdamW whose huge ε makes the first update linear in the gradient: Δθ ≈ −lr · g / ε.
+
+    Then comparing updates compares gradients, including their scale (plain Adam's first step is ≈ −lr · sign(g)).
+    """
+    from learners.config import LearnerConfig
+
+    base = dict(bf16=False, zero_stage=2, lr=100.0, adam_eps=1e4, weight_decay=0.0, grad_clip=0.0, warmup_steps=0,
+                kl_coef=0.1, entropy_coef=0.01)
+    return LearnerConfig(**{**base, **overrides})
+
+
+def _update(trainer, samples) -> tuple[dict, dict]:
+    before = _params(trainer)
+    metrics = trainer.train_step(samples)
+    return {n: p - before[n] for n, p in _params(trainer).items()}, metrics
+
+
+def _rel_diff(a: dict, b: dict) -> float:
+    import torch
+
+    num = sum(torch.sum((a[n] - b[n]).double() ** 2) for n in a) ** 0.5
+    den = sum(torch.sum(a[n].double() ** 2) for n in a) ** 0.5
+    return float(num / den)
+
+
+def scenario_exact(out_dir: str) -> dict:
+    """fp32: one micro-batch vs many give the same update; tokens under loss_mask 0 contribute nothing."""
+    import copy
+
+    from launch.assets import model_path
+    from learners.policy import PolicyTrainer
+
+    path = model_path("tiny-llama")
+    samples = make_samples(seed=1, n=6)
+    one = PolicyTrainer(path, _exact_config(micro_batch_tokens=10_000))
+    ref = one.logprobs(samples)
+    rng = random.Random(7)
+    for i, (s, r) in enumerate(zip(samples, ref)):
+        s.ref_logprobs = [x + rng.uniform(-0.5, 0.5) for x in r]
+        if i % 2 == 0:  # half of the samples carry old logprobs (ratio != 1, some clipped), half are on-policy
+            s.old_logprobs = [x + rng.uniform(-0.4, 0.4) for x in r]
+    delta_one, metrics_one = _update(one, samples)
+
+    many = PolicyTrainer(path, _exact_config(micro_batch_tokens=24))
+    delta_many, metrics_many = _update(many, samples)
+
+    # Perturb everything under loss_mask 0: advantages, old/ref logprobs, and the trailing observation token.
+    perturbed = copy.deepcopy(samples)
+    for s in perturbed:
+        for t, m in enumerate(s.loss_mask):
+            if m == 0:
+                s.advantages[t] = 100.0
+                if s.old_logprobs:
+                    s.old_logprobs[t] = -30.0
+                s.ref_logprobs[t] = -30.0
+        s.input_ids[-1] = (s.input_ids[-1] + 17) % 5000 + 100  # last response token is an observation (mask 0)
+    masked = PolicyTrainer(path, _exact_config(micro_batch_tokens=10_000))
+    delta_masked, _ = _update(masked, perturbed)
+
+    return {
+        "micro_batches": [metrics_one["actor/micro_batches"], metrics_many["actor/micro_batches"]],
+        "rel_diff_split": _rel_diff(delta_one, delta_many),
+        "rel_diff_masked": _rel_diff(delta_one, delta_masked),
+        "grad_norms": [metrics_one["actor/grad_norm"], metrics_many["actor/grad_norm"]],
+        "pg_losses": [metrics_one["actor/pg_loss"], metrics_many["actor/pg_loss"]],
+        "clip_fracs": [metrics_one["actor/clip_frac"], metrics_many["actor/clip_frac"]],
+        "update_norm": sum(float(d.double().norm() ** 2) for d in delta_one.values()) ** 0.5,
+    }
+
+
+def scenario_zero3(out_dir: str) -> dict:
+    """ZeRO-3 (weights sharded) with gradient checkpointing: the gathered weights are whole and load in transformers."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from launch.assets import model_path
+    from learners.config import LearnerConfig
+    from learners.policy import PolicyTrainer
+    from learners.reference import ReferenceModel
+
+    path = model_path("tiny-llama")
+    cfg = LearnerConfig(zero_stage=3, gradient_checkpointing=True, lr=1e-2, warmup_steps=0, micro_batch_tokens=24,
+                        kl_coef=0.0)
+    trainer = PolicyTrainer(path, cfg)
+    samples = make_samples()
+    ref = ReferenceModel(path).logprobs(samples)
+    pol = trainer.logprobs(samples)
+    before = load_file(trainer.publish_weights(Path(out_dir) / "w", 0))
+    metrics = trainer.train_step(samples)
+    after = load_file(trainer.publish_weights(Path(out_dir) / "w", 1))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    exported = AutoModelForCausalLM.from_pretrained(trainer.export_hf(Path(out_dir) / "hf"), dtype=torch.float32)
+    return {
+        "ref_vs_policy_max_abs": max(abs(a - b) for x, y in zip(ref, pol) for a, b in zip(x, y)),
+        "shapes_match": {n: list(p.shape) for n, p in hf.named_parameters()} == {
+            n: list(t.shape) for n, t in after.items()},
+        "changed": sum(not torch.equal(before[n], after[n]) for n in before),
+        "total": len(before),
+        "export_matches": all(torch.equal(p.float(), after[n].float()) for n, p in exported.named_parameters()),
+        "finite": all(v == v for v in metrics.values()),
+    }
+
+
+SCENARIOS = {"core": scenario_core, "exact": scenario_exact, "zero3": scenario_zero3}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_learner_config_defaults_and_yaml_presets():
+    from omegaconf import OmegaConf
+
+    from learners.config import LearnerConfig
+    from learners.engine import deepspeed_config, warmup_factor
+
+    cfg = LearnerConfig()
+    assert cfg.resolved_warmup_steps() == 192  # int(0.95 * 203), the paper's actor warmup
+    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+    ds = deepspeed_config(cfg)
+    assert ds["optimizer"]["params"]["lr"] == 1e-6 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    conf_dir = REPO_ROOT / "conf" / "learner"
+    schema = OmegaConf.structured(LearnerConfig)
+    default = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(conf_dir / "default.yaml")))
+    assert default == cfg
+    tiny = OmegaConf.load(conf_dir / "tiny.yaml")
+    tiny.pop("defaults")
+    tiny_cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(conf_dir / "default.yaml"), tiny))
+    assert tiny_cfg.lr == 1e-3 and tiny_cfg.resolved_warmup_steps() == 0
+    with pytest.raises(ValueError, match="kl_coef"):
+        LearnerConfig(kl_coef=-0.001).validate()
+
+
+@pytest.fixture(scope="module")
+def core_result(tmp_path_factory, tiny_llama_path) -> dict:
+    return run_scenario("tests.test_learner_policy", "core", tmp_path_factory.mktemp("policy_core"))
+
+
+@pytest.mark.slow
+def test_reference_equals_policy_before_any_update(core_result):
+    assert core_result["logprob_lens_ok"]
+    assert core_result["ref_vs_policy_max_abs"] < 1e-6
+
+
+@pytest.mark.slow
+def test_train_step_changes_parameters_with_finite_metrics(core_result):
+    metrics = core_result["metrics"]
+    expected = {"actor/pg_loss", "actor/kl", "actor/entropy", "actor/clip_frac", "actor/grad_norm", "actor/lr",
+                "actor/padding_share", "actor/num_tokens"}
+    assert expected <= set(metrics)
+    assert all(v == v and abs(v) < 1e6 for v in metrics.values())  # finite
+    assert metrics["actor/num_tokens"] == sum(sum(s.loss_mask) for s in make_samples())
+    assert metrics["actor/lr"] == pytest.approx(1e-2)
+    assert metrics["actor/micro_batches"] > 1 and 0 < metrics["actor/padding_share"] < 1
+    assert core_result["changed"] == core_result["total"]
+
+
+@pytest.mark.slow
+def test_kl_loss_pulls_the_policy_back_to_the_reference(core_result):
+    trace = core_result["kl_trace"]
+    assert trace[0] > 0
+    assert all(b < a for a, b in zip(trace, trace[1:])), trace
+
+
+@pytest.mark.slow
+def test_published_weights_and_hf_export(core_result):
+    assert core_result["published_name"] == "policy-v00000003.safetensors"
+    assert core_result["published_keys_match"] and core_result["published_values_match"]
+    assert core_result["no_tmp_left"] == ["policy-v00000003.safetensors"]
+    assert core_result["export_matches"]
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_continues_identically(core_result):
+    assert core_result["step_restored"]
+    assert core_result["resume_weights_equal"] and core_result["resume_metrics_equal"]
+    assert core_result["ckpt_dirs"] == ["ckpt", "hf", "weights"]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_is_exact_and_mask_zero_tokens_do_not_count(tmp_path, tiny_llama_path):
+    result = run_scenario("tests.test_learner_policy", "exact", tmp_path)
+    one, many = result["micro_batches"]
+    assert one == 1 and many >= 3
+    # In the linear regime of the huge-ε AdamW the update is lr/ε times the gradient the optimizer was given.
+    assert result["update_norm"] == pytest.approx(result["grad_norms"][0] * 100.0 / 1e4, rel=1e-2)
+    assert result["rel_diff_split"] < 1e-4, result
+    assert result["grad_norms"][0] == pytest.approx(result["grad_norms"][1], rel=1e-5)
+    assert result["pg_losses"][0] == pytest.approx(result["pg_losses"][1], rel=1e-5)
+    assert result["clip_fracs"][0] == pytest.approx(result["clip_fracs"][1]) and result["clip_fracs"][0] > 0
+    assert result["rel_diff_masked"] < 1e-4, result
+
+
+@pytest.mark.slow
+def test_zero3_with_gradient_checkpointing_gathers_whole_weights(tmp_path, tiny_llama_path):
+    result = run_scenario("tests.test_learner_policy", "zero3", tmp_path)
+    assert result["ref_vs_policy_max_abs"] < 1e-6
+    assert result["shapes_match"] and result["export_matches"] and result["finite"]
+    assert result["changed"] == result["total"]
+
+
+@pytest.mark.slow
+def test_policy_learner_ray_actor_and_data_parallel_match(ray_local, tiny_llama_path, tmp_path):
+    """One learner actor runs a step; two data-parallel actors on the same batch make the same update.
+
+    With a 24-token budget the two ranks get 3 and 2 micro-batches: the lighter rank runs a zero-loss micro-batch so
+    the ZeRO-2 reductions line up, and the update still equals the single learner's (5 micro-batches).
+    """
+    from safetensors.torch import load_file
+
+    from learners.group import LearnerGroup
+    from learners.policy import PolicyLearner
+
+    samples = make_samples(seed=2, n=5)
+    for s in samples:
+        s.ref_logprobs = [-5.0] * s.response_len
+    cfg = _exact_config(micro_batch_tokens=24)
+    results = {}
+    for n in (1, 2):
+        group = LearnerGroup(PolicyLearner, n, str(tiny_llama_path), cfg, num_cpus=1, timeout_s=600)
+        try:
+            logprobs = group.logprobs(samples)
+            metrics = group.train_step(samples)
+            path = group.publish_weights(str(tmp_path / f"dp{n}"), version=1)
+            results[n] = (logprobs, metrics, load_file(path))
+        finally:
+            group.shutdown()
+    (lp1, m1, w1), (lp2, m2, w2) = results[1], results[2]
+    assert [len(x) for x in lp1] == [s.response_len for s in samples]
+    assert max(abs(a - b) for x, y in zip(lp1, lp2) for a, b in zip(x, y)) < 1e-5
+    assert (m1["actor/micro_batches"], m2["actor/micro_batches"]) == (5, 3)  # rank 0 of 2 runs 3, rank 1 runs 2
+    assert m1["actor/num_tokens"] == m2["actor/num_tokens"]
+    assert m1["actor/pg_loss"] == pytest.approx(m2["actor/pg_loss"], rel=1e-5)
+    assert m1["actor/grad_norm"] == pytest.approx(m2["actor/grad_norm"], rel=1e-4)
+    delta = {n: w2[n].double() - w1[n].double() for n in w1}
+    base = load_file(str(Path(tiny_llama_path) / "model.safetensors"))
+    update = {n: w1[n].double() - base[n].double() for n in w1 if n in base}
+    rel = sum(float(d.norm() ** 2) for d in delta.values()) ** 0.5 / sum(
+        float(u.norm() ** 2) for u in update.values()) ** 0.5
+    assert rel < 1e-3, rel
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(SCENARIOS[sys.argv[1]](sys.argv[2])), flush=True)
