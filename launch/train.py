@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -64,6 +65,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
 
     _init_ray(cfg)
     stop = _StopFlag()
+    cluster = None
     try:
         cluster = Cluster(cfg, policy_path, str(files["corpus"]), run_dir)
         for step in range(1, cfg.train.total_steps + 1):
@@ -73,8 +75,8 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
             trajectories, t_gen = cluster.rollout(prompts, noise_prob, step)             # 3
             samples = cluster.learner_batch(trajectories)                                # 4
             train_metrics, t_train = cluster.update(samples)                             # 5
-            t_sync, canary_gap = cluster.sync_weights(version=step)                      # 6
-            metrics = _step_metrics(trajectories, train_metrics, noise_prob, t_gen, t_train, t_sync, canary_gap,
+            sync_metrics = cluster.sync_weights(version=step)                            # 6
+            metrics = _step_metrics(trajectories, train_metrics, sync_metrics, noise_prob, t_gen, t_train,
                                     time.perf_counter() - t_step, cluster)
             curriculum.observe(metrics["critic/score/mean"])                            # 7
             logger.log(step, metrics, _sample_rows(trajectories, cfg.logger.wandb.sample_table_rows))
@@ -93,6 +95,8 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
         print("\n".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
         return summary
     finally:
+        if cluster is not None:
+            cluster.close()
         ray.shutdown()
 
 
@@ -184,29 +188,31 @@ class Cluster:
         metrics = self.learners.train_step(samples)
         return metrics, time.perf_counter() - started
 
-    def sync_weights(self, version: int) -> tuple[float, float]:
+    def sync_weights(self, version: int) -> dict[str, float]:
         """Publish, load in every engine, then compare engine and learner logprobs on fixed tokens."""
         import ray
 
         from learners.batch import LearnerSample
 
-        started = time.perf_counter()
         timeout = self.cfg.train.sync_timeout_s
+        before = ray.get(self.engines[0].prompt_logprobs.remote(self.canary_ids), timeout=timeout)
+        started = time.perf_counter()
         path = self.learners.publish_weights(str(self.weights_dir), version)
         ray.get([e.load_weights.remote(path, version, timeout) for e in self.engines], timeout=timeout)
         _remove_older_weights(self.weights_dir, keep=path)
         elapsed = time.perf_counter() - started
         canary = LearnerSample(input_ids=self.canary_ids, prompt_len=1, loss_mask=[1] * (len(self.canary_ids) - 1))
         [learner_lp] = self.learners.logprobs([canary])
-        gaps = []
-        for engine in self.engines:
-            engine_lp = ray.get(engine.prompt_logprobs.remote(self.canary_ids), timeout=timeout)
-            gaps.append(statistics.fmean(abs(a - b) for a, b in zip(engine_lp, learner_lp)))
-        gap = max(gaps)
+        engine_lps = ray.get([e.prompt_logprobs.remote(self.canary_ids) for e in self.engines], timeout=timeout)
+        gap = max(_mean_abs_gap(lp, learner_lp) for lp in engine_lps)
         if gap > self.cfg.train.canary_tolerance:
             raise CanaryError(f"after syncing version {version}, engine and learner logprobs differ by {gap:.4f} "
                               f"nats/token (train.canary_tolerance={self.cfg.train.canary_tolerance})")
-        return elapsed, gap
+        return {"timing_s/sync": elapsed, "sync/canary_gap": gap, "sync/canary_moved": _mean_abs_gap(before,
+                                                                                                     engine_lps[0])}
+
+    def close(self) -> None:
+        shutil.rmtree(self.weights_dir, ignore_errors=True)
 
     def checkpoint(self, root: Path, step: int, curriculum, sampler, export_hf: bool) -> Path:
         """DeepSpeed states, the driver's state and (at the end) an HF export, under ``root/step_<k>``."""
@@ -227,12 +233,13 @@ class Cluster:
         return ray.get(self.pool.stats.remote(), timeout=30)
 
 
-def _step_metrics(trajectories, train_metrics, noise_prob, t_gen, t_train, t_sync, canary_gap, t_step,
+def _step_metrics(trajectories, train_metrics, sync_metrics, noise_prob, t_gen, t_train, t_step,
                   cluster: Cluster) -> dict[str, float]:
     from launch.batching import rollout_metrics
 
     metrics = rollout_metrics(trajectories)
     metrics.update({k: float(v) for k, v in train_metrics.items()})
+    metrics.update(sync_metrics)
     generated = sum(t.stats.generated_tokens for t in trajectories)
     t_sim = statistics.fmean(t.stats.search_s for t in trajectories)
     metrics.update({
@@ -240,11 +247,9 @@ def _step_metrics(trajectories, train_metrics, noise_prob, t_gen, t_train, t_syn
         "timing_s/gen": t_gen,
         "timing_s/sim_per_episode": t_sim,
         "timing_s/train": t_train,
-        "timing_s/sync": t_sync,
         "timing_s/step": t_step,
-        "timing_s/other": max(0.0, t_step - t_gen - t_train - t_sync),
+        "timing_s/other": max(0.0, t_step - t_gen - t_train - sync_metrics["timing_s/sync"]),
         "perf/tokens_per_s": generated / max(t_gen, 1e-9),
-        "sync/canary_gap": canary_gap,
     })
     for key, value in cluster.pool_stats().items():
         if isinstance(value, (int, float)):
@@ -296,6 +301,10 @@ def _weights_dir(run_dir: Path) -> Path:
     folder = base / f"zerosearch-ray-weights-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _mean_abs_gap(a: list[float], b: list[float]) -> float:
+    return statistics.fmean(abs(x - y) for x, y in zip(a, b))
 
 
 def _remove_older_weights(folder: Path, keep: str) -> None:

@@ -1,0 +1,103 @@
+"""End to end on the real stack (Ray + vLLM CPU + DeepSpeed CPU) with tiny-llama and real BM25 search.
+
+A random tiny model never writes ``</search>`` by chance, so the first turn is constrained to a search with vLLM's
+structured outputs (``rollout.guided_first_turn_regex``); everything after it is sampled freely.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from actors.protocol import INVALID_ACTION_MESSAGE
+from tests.conftest import REPO_ROOT
+
+GUIDED_SEARCH = "<search> [a-z]{2,8} [a-z]{2,8} </search>"
+TINY_RUN = [
+    "model=tiny_llama", "learner=tiny", "search=bm25", "train.total_steps=2", "train.prompts_per_step=2",
+    "train.group_size=2", "rollout.episode.max_tokens_per_turn=24", "rollout.episode.max_obs_tokens=96",
+    f"rollout.guided_first_turn_regex='{GUIDED_SEARCH}'", "data.synthetic_entities=32", "logger.wandb.mode=offline",
+]
+
+
+def _spans(mask: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, value) runs of equal mask values."""
+    spans, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            spans.append((start, i, mask[start]))
+            start = i
+    return spans
+
+
+@pytest.mark.slow
+def test_information_tokens_are_masked_on_real_trajectories(ray_local, tiny_llama_path, tokenizer, synthetic_world):
+    from actors.episode import EpisodeConfig
+    from actors.rollout import EpisodeRequest, RolloutActor, RolloutConfig
+    from simulator.engines import BM25Search
+
+    cfg = RolloutConfig(guided_first_turn_regex=GUIDED_SEARCH,
+                        episode=EpisodeConfig(max_turns=2, max_tokens_per_turn=24, max_obs_tokens=96))
+    engine_kwargs = dict(enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=1024, dtype="bfloat16")
+    actor = ray_local.remote(RolloutActor).options(num_cpus=1).remote(
+        str(tiny_llama_path), engine_kwargs, functools.partial(BM25Search, str(synthetic_world["corpus"])), cfg)
+    requests = [EpisodeRequest(f"g{i}", "Which company does Tavo Merin work for?", ("Rerza Foundry",), "t", i)
+                for i in range(3)]
+    stream = actor.rollout.options(num_returns="streaming").remote(requests, 2, 0.0)
+    trajectories = [t for ref in stream for t in ray_local.get(ref, timeout=600)]
+    assert len(trajectories) == 6 and len({t.group_id for t in trajectories}) == 3
+
+    for t in trajectories:
+        assert t.stats.searches >= 1  # the guided first turn
+        for start, end, value in _spans(t.loss_mask):
+            text = tokenizer.decode(t.response_ids[start:end])
+            if value == 0:  # every masked span is exactly one observation or the invalid-action message
+                assert (text.startswith("\n\n<information>") and text.endswith("</information>\n\n")) \
+                    or text == INVALID_ACTION_MESSAGE, repr(text)
+                assert all(lp == 0.0 for lp in t.rollout_logprobs[start:end])
+            else:  # sampled tokens carry the engine's logprobs and no observation text
+                assert "<information>" not in text
+                assert all(lp < 0.0 or math.isclose(lp, 0.0, abs_tol=1e-6) for lp in t.rollout_logprobs[start:end])
+        first_masked = t.loss_mask.index(0)
+        assert tokenizer.decode(t.response_ids[:first_masked]).startswith("<search>")
+
+
+@pytest.mark.slow
+def test_training_steps_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.train", *TINY_RUN, f"data.dir={tmp_path / 'world'}",
+           f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"))
+        assert row["search/calls_per_episode"] >= 1.0
+        assert row["sync/canary_moved"] > 0.0  # the engine now runs the updated weights...
+        assert row["sync/canary_gap"] < 0.01  # ...and they agree with the learner's
+        assert 0.0 <= row["search/noise_prob"] <= 0.01  # exp curriculum, p_end 0.5 over 203 steps
+    assert rows[1]["actor/kl"] > 0.0  # the policy moved away from the reference after the first update
+
+    checkpoint = run_dir / "checkpoints" / "step_2"
+    state = json.loads((checkpoint / "driver_state.json").read_text())
+    assert state["step"] == 2 and state["sampler"]["position"] == 4
+    assert (run_dir / "curves.png").stat().st_size > 0
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(checkpoint / "hf").config.num_hidden_layers == 2
+
+
+def test_misspelled_override_fails_before_any_actor_starts():
+    cmd = [sys.executable, "-m", "launch.train", "model=tiny_llama", "train.totl_steps=3"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "totl_steps" in result.stderr and "TrainConfig" in result.stderr
+    assert "run folder" not in result.stdout  # nothing started
