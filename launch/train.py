@@ -111,7 +111,6 @@ class Cluster:
         from learners.group import LearnerGroup
         from learners.policy import PolicyLearner
         from learners.reference import ReferenceLearner
-        from simulator.simulated import build_search_engine
 
         self.cfg = cfg
         c = cfg.cluster
@@ -122,7 +121,7 @@ class Cluster:
             from simulator.pool import create_simulator_pool
 
             self.pool = create_simulator_pool(cfg.simulator)
-        search_factory = functools.partial(build_search_engine, cfg.search, cfg.simulator, self.pool, corpus_path)
+        search_factory = _search_factory(cfg, self.pool, corpus_path)
         engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
                              gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
                              tensor_parallel_size=c.rollout_tensor_parallel)
@@ -231,6 +230,27 @@ class Cluster:
         if self.pool is None:
             return {}
         return ray.get(self.pool.stats.remote(), timeout=30)
+
+
+def _search_factory(cfg: Config, pool: Any, corpus_path: str):
+    """A picklable recipe for the search engine each rollout actor builds in its own process."""
+    if cfg.search.engine in ("simulated", "openai"):
+        from simulator.simulated import build_search_engine
+
+        return functools.partial(build_search_engine, cfg.search, cfg.simulator, pool, corpus_path)
+    from simulator.engines import build_real_engine
+
+    s = cfg.search
+    kwargs: dict[str, Any] = {"top_k": s.top_k}
+    if s.engine in ("bm25", "dense"):
+        kwargs["corpus_path"] = s.corpus_file or corpus_path
+        if s.index_dir:
+            kwargs["index_dir"] = s.index_dir
+    elif s.engine == "http":
+        kwargs.update(url=s.url, timeout_s=s.timeout_s, retries=s.retries, request_shape=s.request_shape)
+    elif s.engine == "serpapi":
+        kwargs.update(api_key_env=s.api_key_env, timeout_s=s.timeout_s, retries=s.retries)
+    return functools.partial(build_real_engine, s.engine, **kwargs)
 
 
 def _step_metrics(trajectories, train_metrics, sync_metrics, noise_prob, t_gen, t_train, t_step,
