@@ -1,0 +1,110 @@
+"""How often the simulator's useful documents contain the gold answer, against its noisy ones.
+
+    python bench/simulator_quality.py [--questions 100] [--max-tokens 256] [--model smollm2-135m-instruct]
+
+The curriculum only means something if "useful" results help more than "noisy" ones. For each test question of a
+synthetic world, the question itself is the query; `SimulatedSearch` over the real pool is called once with noise
+probability 0 (useful) and once with 1 (noisy). An answer "appears" when the normalized gold answer
+(`actors.reward.normalize_answer`) occurs as a whole-word span in the normalized documents. Reported per kind: the
+rate over replies and over single documents, documents per reply, failed searches; and the useful - noisy gap.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from actors.reward import normalize_answer  # noqa: E402
+from simulator.base import SearchContext  # noqa: E402
+from simulator.config import SimulatorConfig  # noqa: E402
+
+
+def contains_answer(text: str, answers: list[str]) -> bool:
+    haystack = f" {normalize_answer(text)} "
+    return any(f" {normalize_answer(a)} " in haystack for a in answers if normalize_answer(a))
+
+
+def load_questions(n: int, seed: int) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from launch.synthetic_world import write_world
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_world(tmp, seed=seed, entities=200)
+        rows = pq.read_table(paths["test"]).to_pylist() + pq.read_table(paths["val"]).to_pylist()
+    if len(rows) < n:
+        raise SystemExit(f"the synthetic world has only {len(rows)} test/val questions; ask for fewer")
+    return rows[:n]
+
+
+def summarize(results, answers: list[list[str]]) -> dict[str, float]:
+    replies = sum(contains_answer(r.text, a) for r, a in zip(results, answers) if not r.meta.failed)
+    docs = [(d, a) for r, a in zip(results, answers) for d in r.documents]
+    return {
+        "answer_in_reply_rate": round(replies / len(results), 3),
+        "answer_in_document_rate": round(sum(contains_answer(d, a) for d, a in docs) / max(1, len(docs)), 3),
+        "documents_per_reply": round(len(docs) / len(results), 2),
+        "failed_searches": sum(r.meta.failed for r in results),
+        "mean_tokens": round(sum(r.meta.num_tokens for r in results) / len(results), 1),
+    }
+
+
+async def run_searches(engine, rows, noise_prob: float):
+    ctxs = [SearchContext(question=r["question"], golden_answers=tuple(r["golden_answers"]), noise_prob=noise_prob,
+                          seed=i) for i, r in enumerate(rows)]
+    return await asyncio.gather(*(engine.search(r["question"], c) for r, c in zip(rows, ctxs)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--questions", type=int, default=100)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import ray
+
+    from simulator.pool import create_simulator_pool
+    from simulator.simulated import SimulatedSearch
+
+    rows = load_questions(args.questions, args.seed)
+    cfg = SimulatorConfig(model=args.model, mode="prompt", num_servers=args.servers, max_tokens=args.max_tokens,
+                          request_timeout_s=900.0, health_check_interval_s=0.0, seed=args.seed)
+    ray.init(address="local", num_cpus=max(2, args.servers), include_dashboard=False, log_to_driver=False)
+    try:
+        pool = create_simulator_pool(cfg)
+        engine = SimulatedSearch(pool, mode="prompt", timeout_s=3600.0)
+        start = time.perf_counter()
+        useful = asyncio.run(run_searches(engine, rows, noise_prob=0.0))
+        noisy = asyncio.run(run_searches(engine, rows, noise_prob=1.0))
+        elapsed = time.perf_counter() - start
+        stats = ray.get(pool.stats.remote(), timeout=60)
+    finally:
+        ray.shutdown()
+    answers = [r["golden_answers"] for r in rows]
+    assert all(r.meta.noisy is False for r in useful) and all(r.meta.noisy is True for r in noisy)
+    result = {
+        "model": args.model, "mode": "prompt", "questions": len(rows), "max_tokens": args.max_tokens,
+        "useful": summarize(useful, answers), "noisy": summarize(noisy, answers),
+        "seconds": round(elapsed, 1), "pool_failures": stats["failures"],
+        "example_useful": {"question": rows[0]["question"], "answer": rows[0]["golden_answers"][0],
+                           "text": useful[0].text[:600]},
+        "example_noisy": {"text": noisy[0].text[:600]},
+    }
+    result["gap_reply_rate"] = round(result["useful"]["answer_in_reply_rate"] - result["noisy"]["answer_in_reply_rate"],
+                                     3)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
