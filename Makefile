@@ -38,8 +38,9 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# Each bench script measures one ratio in one run and prints one JSON object.
 bench: setup
-	$(PY) -m bench.run_all
+	set -e; for script in bench/*.py; do echo "== $$script"; $(PY) $$script; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun runs wandb data/synthetic

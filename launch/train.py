@@ -15,6 +15,7 @@ One RL step, as in the paper's algorithm box:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -111,17 +112,22 @@ class Cluster:
         from learners.group import LearnerGroup
         from learners.policy import PolicyLearner
         from learners.reference import ReferenceLearner
+        from simulator.simulated import build_search_engine
 
         self.cfg = cfg
         c = cfg.cluster
         timeout = c.actor_start_timeout_s
         self.weights_dir = _weights_dir(run_dir)
+        # The cluster group places the simulator servers; the simulator group says what they run.
+        sim_cfg = dataclasses.replace(cfg.simulator, num_servers=c.simulator_servers, gpus_per_server=c.simulator_gpus,
+                                      tensor_parallel_size=c.simulator_tensor_parallel)
         self.pool = None
         if cfg.search.engine == "simulated":
             from simulator.pool import create_simulator_pool
 
-            self.pool = create_simulator_pool(cfg.simulator)
-        search_factory = _search_factory(cfg, self.pool, corpus_path)
+            self.pool = create_simulator_pool(sim_cfg)
+        # A picklable recipe: each rollout actor builds its own engine in its own process.
+        search_factory = functools.partial(build_search_engine, cfg.search, sim_cfg, self.pool, corpus_path)
         engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
                              gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
                              tensor_parallel_size=c.rollout_tensor_parallel)
@@ -232,27 +238,6 @@ class Cluster:
         return ray.get(self.pool.stats.remote(), timeout=30)
 
 
-def _search_factory(cfg: Config, pool: Any, corpus_path: str):
-    """A picklable recipe for the search engine each rollout actor builds in its own process."""
-    if cfg.search.engine in ("simulated", "openai"):
-        from simulator.simulated import build_search_engine
-
-        return functools.partial(build_search_engine, cfg.search, cfg.simulator, pool, corpus_path)
-    from simulator.engines import build_real_engine
-
-    s = cfg.search
-    kwargs: dict[str, Any] = {"top_k": s.top_k}
-    if s.engine in ("bm25", "dense"):
-        kwargs["corpus_path"] = s.corpus_file or corpus_path
-        if s.index_dir:
-            kwargs["index_dir"] = s.index_dir
-    elif s.engine == "http":
-        kwargs.update(url=s.url, timeout_s=s.timeout_s, retries=s.retries, request_shape=s.request_shape)
-    elif s.engine == "serpapi":
-        kwargs.update(api_key_env=s.api_key_env, timeout_s=s.timeout_s, retries=s.retries)
-    return functools.partial(build_real_engine, s.engine, **kwargs)
-
-
 def _step_metrics(trajectories, train_metrics, sync_metrics, noise_prob, t_gen, t_train, t_step,
                   cluster: Cluster) -> dict[str, float]:
     from launch.batching import rollout_metrics
@@ -308,7 +293,7 @@ def _init_ray(cfg: Config) -> None:
         ray.init(address=cfg.cluster.address, log_to_driver=False)
         return
     # Logical CPUs: one per engine, learner and simulator server even on a 2-core machine; they share the cores.
-    needed = cfg.cluster.rollout_engines + cfg.cluster.learners + cfg.simulator.num_servers + 1
+    needed = cfg.cluster.rollout_engines + cfg.cluster.learners + cfg.cluster.simulator_servers + 1
     num_cpus = cfg.cluster.num_cpus or max(needed, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

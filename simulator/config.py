@@ -26,7 +26,9 @@ class SimulatorConfig:
             one's cached documents. Empty means ``"{model}:{mode}"``.
         temperature, top_p, max_tokens: sampling. The original samples at 0.8 with 600 new tokens (500 at paper time).
         top_k_docs: documents kept from each reply (the text after "Doc {top_k_docs+1}" is dropped).
-        num_servers: vLLM servers (Ray actors) in the pool; the original ran sglang with data parallel 2.
+        num_servers: vLLM servers (Ray actors) in the pool; the original ran sglang with data parallel 2. Under
+            ``launch.train`` the cluster group (``cluster.simulator_servers``, ``simulator_gpus``,
+            ``simulator_tensor_parallel``) sets this, ``gpus_per_server`` and ``tensor_parallel_size``.
         cpus_per_server, gpus_per_server: Ray resources of each server actor (0 GPUs on CPU machines).
         tensor_parallel_size: vLLM tensor parallelism inside one server (GPU only).
         max_model_len: vLLM context limit; the prompt-mode prompt is ~500 tokens plus ``max_tokens`` new ones.

@@ -19,7 +19,7 @@ from tests.conftest import REPO_ROOT
 
 GUIDED_SEARCH = "<search> [a-z]{2,8} [a-z]{2,8} </search>"
 TINY_RUN = [
-    "model=tiny_llama", "learner=tiny", "search=bm25", "train.total_steps=2", "train.prompts_per_step=2",
+    "model=tiny_llama", "learner=tiny", "simulator=tiny", "train.total_steps=2", "train.prompts_per_step=2",
     "train.group_size=2", "rollout.episode.max_tokens_per_turn=24", "rollout.episode.max_obs_tokens=96",
     f"rollout.guided_first_turn_regex='{GUIDED_SEARCH}'", "data.synthetic_entities=32", "logger.wandb.mode=offline",
 ]
@@ -80,6 +80,7 @@ def test_training_steps_end_to_end(tmp_path):
     for row in rows:
         assert all(math.isfinite(row[k]) for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"))
         assert row["search/calls_per_episode"] >= 1.0
+        assert row["simulator/calls"] >= 1.0 and row["simulator/failures"] == 0.0  # searches went to the pool
         assert row["sync/canary_moved"] > 0.0  # the engine now runs the updated weights...
         assert row["sync/canary_gap"] < 0.01  # ...and they agree with the learner's
         assert 0.0 <= row["search/noise_prob"] <= 0.01  # exp curriculum, p_end 0.5 over 203 steps
