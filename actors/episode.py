@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.protocol import INVALID_ACTION_MESSAGE, observation_token_ids, parse_action
-from actors.reward import score_response
+from actors.reward import even_token_share, score_response
 from actors.trajectory import EpisodeStats
 from simulator.base import SearchContext, SearchEngine
 
@@ -44,7 +44,8 @@ class EpisodeConfig:
         max_response_tokens: all response tokens, model and observation, of one episode.
         max_obs_tokens: tokens of one ``<information>`` block, closing tag kept.
         top_k: documents per search.
-        reward_metric: ``f1`` (the paper's training reward), ``exact_match`` or ``substring_match``.
+        reward_metric: ``f1`` (the paper's training reward), ``exact_match`` or ``substring_match``; or the probe
+            ``even_token_share`` (``actors.reward``), which checks that learning works at all.
     """
 
     max_turns: int = 2
@@ -131,5 +132,8 @@ async def run_episode(
             break
 
     response_text = tokenizer.decode(response_ids, skip_special_tokens=True)
-    reward = score_response(response_text, golden_answers, cfg.reward_metric)
+    if cfg.reward_metric == "even_token_share":
+        reward = even_token_share(response_ids, loss_mask)
+    else:
+        reward = score_response(response_text, golden_answers, cfg.reward_metric)
     return EpisodeResult(response_ids, loss_mask, logprobs, response_text, reward, stats)

@@ -81,6 +81,12 @@ def render_prompt(question_or_messages: str | Sequence[dict[str, str]], tokenize
     return "".join(message["content"] for message in messages)
 
 
+def prompt_token_ids(question: str, tokenizer: Any, max_prompt_tokens: int | None = None) -> list[int]:
+    """The policy prompt of one question as token ids, keeping the last ``max_prompt_tokens`` when it is longer."""
+    ids = _encode(tokenizer, render_prompt(question, tokenizer))
+    return ids[-max_prompt_tokens:] if max_prompt_tokens else ids
+
+
 @dataclass(frozen=True)
 class Action:
     """What one generated turn asks for.

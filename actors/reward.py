@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from actors.protocol import INVALID_ACTION_MESSAGE
 
@@ -98,6 +98,20 @@ METRICS: dict[str, Callable[[str, Golds], float]] = {
     "exact_match": exact_match,
     "substring_match": substring_match,
 }
+
+
+def even_token_share(token_ids: Sequence[int], loss_mask: Sequence[int]) -> float:
+    """Share of the policy's own tokens (``loss_mask`` 1) whose id is even: a probe reward, not a QA metric.
+
+    Half the vocabulary scores, so a random policy's samples already differ in reward and GRPO has a signal from the
+    first step. If the mean of this reward does not rise, something between sampling and the update (advantages,
+    masking, the loss sign, weight sync) points the wrong way. Observation tokens never count.
+    """
+    own = [t for t, m in zip(token_ids, loss_mask) if m]
+    return sum(t % 2 == 0 for t in own) / len(own) if own else 0.0
+
+
+PROBE_REWARDS = ("even_token_share",)
 
 
 def score_response(response_text: str, golds: Golds, metric: str = "f1") -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.episode import EpisodeConfig, Generation, run_episode
-from actors.protocol import STOP_STRINGS, render_prompt
+from actors.protocol import STOP_STRINGS, prompt_token_ids
 from actors.trajectory import Trajectory
 
 
@@ -70,11 +70,7 @@ class PolicyEngine:
         self.policy_version = 0
 
     def prompt_ids(self, question: str) -> list[int]:
-        from actors.protocol import build_prompt_messages
-
-        text = render_prompt(build_prompt_messages(question), self.tokenizer)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return ids[-self.cfg.max_prompt_tokens:]
+        return prompt_token_ids(question, self.tokenizer, self.cfg.max_prompt_tokens)
 
     async def generate(self, context_ids: list[int], max_tokens: int, guided_regex: str | None = None,
                        temperature: float | None = None) -> Generation:
@@ -150,6 +146,30 @@ class PolicyEngine:
         return [step[token].logprob for step, token in zip(final.prompt_logprobs[1:], token_ids[1:])]
 
 
+    async def raw_generate(self, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+        """One batch of plain single-turn generations of exactly ``max_tokens`` each: the engine's raw throughput.
+
+        The yardstick for multi-turn rollouts on the same engine: no stop strings, no search, no re-prefill of
+        observations, every request submitted at once.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=self.cfg.temperature, ignore_eos=True)
+
+        async def one(ids: list[int]) -> int:
+            final = None
+            async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                  request_id=uuid.uuid4().hex):
+                final = output
+            return len(final.outputs[0].token_ids)
+
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*[one(ids) for ids in prompts]))
+        seconds = time.perf_counter() - started
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
 class RolloutActor:
     """Thin Ray shell over ``PolicyEngine``. Created with ``ray.remote(RolloutActor).options(...)`` by the driver."""
 
@@ -177,6 +197,9 @@ class RolloutActor:
 
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         return await self.core.prompt_logprobs(token_ids)
+
+    async def raw_generate(self, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+        return await self.core.raw_generate(prompts, max_tokens)
 
     async def policy_version(self) -> int:
         return self.core.policy_version

@@ -147,6 +147,10 @@ class TrainConfig:
         canary_tolerance: largest mean |logprob gap| between engine and learner after a sync, in nats per token.
         canary_text: fixed text whose logprobs are compared after each sync.
         export_hf: write a Hugging Face export with the final checkpoint.
+        throughput_probe: after the last step, time plain vLLM ``generate`` at that step's token volume on the same
+            engines and report the multi-turn rollout's tokens/s as a ratio of it (``summary.json``).
+        warmup: ``auto``, ``on`` or ``off``: fine-tune the policy on protocol demonstrations before RL (see
+            ``WarmupConfig``).
     """
 
     algorithm: str = "grpo"
@@ -160,6 +164,42 @@ class TrainConfig:
     canary_tolerance: float = 0.1
     canary_text: str = "Answer the given question. <search> capital of France </search> <answer> Paris </answer>"
     export_hf: bool = True
+    throughput_probe: bool = True
+    warmup: str = "auto"
+
+
+@dataclass
+class WarmupConfig:
+    """The cold start of small policies: supervised fine-tuning on scripted protocol demonstrations (``launch.warmup``).
+
+    ``train.warmup`` decides whether it runs: ``auto`` warms up policies with fewer than ``max_params`` parameters
+    (a 135M model never writes ``<search>`` from the prompt alone; the paper's 3B+ models skip it), ``on`` always,
+    ``off`` never.
+
+    Attributes:
+        demonstrations: grounded demonstrations to train on (the retrieved documents contain the gold answer).
+        steps: optimizer steps; each takes ``batch_size`` demonstrations, cycling through them.
+        batch_size: demonstrations per optimizer step.
+        lr: peak learning rate (reached after ``lr_warmup_steps``, then constant).
+        lr_warmup_steps: optimizer steps of linear learning-rate warmup.
+        micro_batch_tokens: token budget of one micro-batch, padding included.
+        max_params: ``auto`` warms up policies below this many parameters.
+        top_k: documents per search in the demonstrations (BM25 over the data config's corpus).
+        cache: reuse a warmed-up policy built earlier from the same model, corpus, data and settings; it is stored in
+            the models folder (``ZEROSEARCH_RAY_MODELS``) under ``warmed/``.
+        seed: order of the training questions the demonstrations are written for.
+    """
+
+    demonstrations: int = 128
+    steps: int = 16
+    batch_size: int = 8
+    lr: float = 2.0e-4
+    lr_warmup_steps: int = 1
+    micro_batch_tokens: int = 4096
+    max_params: float = 1.0e9
+    top_k: int = 5
+    cache: bool = True
+    seed: int = 0
 
 
 @dataclass
@@ -176,6 +216,7 @@ class Config:
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     seed: int = 0
 
 

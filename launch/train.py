@@ -54,6 +54,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     from launch.paths import ensure_data
     from launch.run_logger import RunLogger
     from launch.sampler import PromptSampler
+    from launch.warmup import warm_up
     from simulator.curriculum import build_curriculum
 
     _check(cfg)
@@ -64,10 +65,14 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     logger = RunLogger(run_dir, cfg.logger.wandb, cfg.logger.run_name, config_dict, resume=False)
     print(f"run folder: {run_dir}", flush=True)
 
-    _init_ray(cfg)
+    init_ray(cfg)
     stop = _StopFlag()
     cluster = None
     try:
+        # Cold start of small policies: SFT on protocol demonstrations (train.warmup=auto|on|off).
+        policy_path, warmup = warm_up(cfg, policy_path, files["train"], files["corpus"], run_dir)
+        if warmup:
+            _atomic_write_json(run_dir / "warmup.json", warmup)
         cluster = Cluster(cfg, policy_path, str(files["corpus"]), run_dir)
         for step in range(1, cfg.train.total_steps + 1):
             t_step = time.perf_counter()
@@ -89,10 +94,13 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
                 break
         final = cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler,
                                    export_hf=cfg.train.export_hf)
+        probe = cluster.raw_throughput(trajectories, metrics["perf/tokens_per_s"]) if cfg.train.throughput_probe else {}
         plot = logger.plot()
         wandb_dir = logger.finish()
         summary = {"run_dir": str(run_dir), "metrics": str(logger.metrics_path), "plot": str(plot),
-                   "checkpoint": str(final), "wandb": wandb_dir, "steps": step}
+                   "checkpoint": str(final), "wandb": wandb_dir, "steps": step, "policy_start": policy_path,
+                   **probe}
+        _atomic_write_json(run_dir / "summary.json", summary)
         print("\n".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
         return summary
     finally:
@@ -145,7 +153,7 @@ class Cluster:
         if learner_cfg.kl_coef > 0:
             self.reference = ReferenceLearner.options(num_cpus=0.5, num_gpus=0).remote(
                 policy_path, bf16=learner_cfg.reference_bf16, offload=learner_cfg.offload_reference,
-                micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens)
+                micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads)
         ray.get([e.ready.remote() for e in self.engines], timeout=timeout)
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
@@ -216,6 +224,20 @@ class Cluster:
         return {"timing_s/sync": elapsed, "sync/canary_gap": gap, "sync/canary_moved": _mean_abs_gap(before,
                                                                                                      engine_lps[0])}
 
+    def raw_throughput(self, trajectories, rollout_tokens_per_s: float) -> dict[str, float]:
+        """Plain vLLM ``generate`` at the last step's volume (its prompts, its mean tokens per episode), on the same
+        engines, against the multi-turn rollout's tokens/s: what searching, observation prefill and turn-taking cost."""
+        import ray
+
+        prompts = [t.prompt_ids for t in trajectories]
+        max_tokens = max(1, round(statistics.fmean(t.stats.generated_tokens for t in trajectories)))
+        started = time.perf_counter()
+        ray.get([e.raw_generate.remote(prompts[k::len(self.engines)], max_tokens)
+                 for k, e in enumerate(self.engines)], timeout=self.cfg.train.rollout_timeout_s)
+        raw = len(prompts) * max_tokens / (time.perf_counter() - started)
+        return {"perf/raw_generate_tokens_per_s": raw, "perf/rollout_tokens_per_s": rollout_tokens_per_s,
+                "perf/rollout_vs_raw": rollout_tokens_per_s / raw}
+
     def close(self) -> None:
         shutil.rmtree(self.weights_dir, ignore_errors=True)
 
@@ -282,11 +304,16 @@ def _check(cfg: Config) -> None:
         raise ValueError(f"train.algorithm={cfg.train.algorithm!r}; expected one of {list(ALGORITHMS)}")
     if cfg.train.max_staleness != 0:
         raise ValueError("train.max_staleness > 0 (asynchronous training) is not built yet; use 0")
+    from actors.reward import METRICS, PROBE_REWARDS
+
+    rewards, metric = [*METRICS, *PROBE_REWARDS], cfg.rollout.episode.reward_metric
+    if metric not in rewards:
+        raise ValueError(f"rollout.episode.reward_metric={metric!r}; expected one of {rewards}")
     if cfg.train.group_size < 2 and cfg.train.algorithm in ("grpo", "dr_grpo", "rloo"):
         raise ValueError(f"train.group_size={cfg.train.group_size}: {cfg.train.algorithm} needs groups of 2 or more")
 
 
-def _init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config) -> None:
     import ray
 
     if cfg.cluster.address:

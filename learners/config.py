@@ -44,6 +44,8 @@ class LearnerConfig:
         reference_bf16: run the reference model in bfloat16 (else fp32).
         logprob_micro_batch_tokens: token budget of a micro-batch in ``logprobs`` (no gradient: can be larger).
         seed: seed of torch's RNG in each learner.
+        cpu_threads: torch threads of a CPU learner; 0 shares the machine's cores among the learner ranks (Ray would
+            otherwise leave one thread per actor). Ignored on GPU.
         extra_deepspeed: keys merged last into the generated DeepSpeed config (e.g. offload settings), for what the
             fields above do not cover.
     """
@@ -73,6 +75,7 @@ class LearnerConfig:
     reference_bf16: bool = True
     logprob_micro_batch_tokens: int = 16384
     seed: int = 0
+    cpu_threads: int = 0
     extra_deepspeed: dict = field(default_factory=dict)
 
     def resolved_warmup_steps(self) -> int:

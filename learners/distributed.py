@@ -40,6 +40,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_cpu_threads(threads: int, ranks_on_machine: int = 1) -> None:
+    """Give a CPU learner its share of the machine's cores.
+
+    Ray sets ``OMP_NUM_THREADS=1`` in an actor holding one logical CPU, so torch would train on one core. The driver's
+    loop is synchronous (engines idle while learners train), so a learner may use the cores it shares with them.
+    ``threads`` 0 means ``os.cpu_count() // ranks_on_machine``. No effect on a GPU learner.
+    """
+    if torch.cuda.is_available():
+        return
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, ranks_on_machine)))
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 

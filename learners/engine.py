@@ -116,9 +116,16 @@ def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0
 
 
 def response_logits(model: Callable, mb: MicroBatch) -> Tensor:
-    """fp32 logits ``[B, R, V]`` at the positions that predict each response token."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-    index = mb.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    """fp32 logits ``[B, R, V]`` at the positions that predict each response token.
+
+    Only positions from the earliest response start on go through the LM head (``logits_to_keep``): over a 49k-152k
+    vocabulary, logits at every prompt position would take much of the learner's memory and time for nothing.
+    """
+    first = int(mb.positions[:, 0].min())
+    keep = mb.input_ids.shape[1] - first
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
+                   logits_to_keep=keep).logits
+    index = (mb.positions - first).clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     return logits.gather(1, index).float()
 
 

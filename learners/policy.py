@@ -104,6 +104,7 @@ class LearnerActorShell:
 
     def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig) -> None:
         D.init_distributed(self.rank, self.world_size, master_addr, master_port)
+        D.use_cpu_threads(cfg.cpu_threads, ranks_on_machine=self.world_size)
         self.core = self.core_cls(model_path, cfg)
 
     def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from learners.batch import LearnerSample
+from learners.distributed import use_cpu_threads
 from learners.engine import compute_logprobs
 
 
@@ -56,7 +57,8 @@ class ReferenceActor:
     """Thin Ray actor over ``ReferenceModel``."""
 
     def __init__(self, model_path: str, bf16: bool = True, offload: bool = False,
-                 micro_batch_tokens: int = 16384) -> None:
+                 micro_batch_tokens: int = 16384, cpu_threads: int = 0) -> None:
+        use_cpu_threads(cpu_threads)
         self.core = ReferenceModel(model_path, bf16=bf16, offload=offload, micro_batch_tokens=micro_batch_tokens)
 
     def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:

@@ -131,3 +131,11 @@ def test_no_answer_scores_zero():
 def test_unknown_metric_names_choices():
     with pytest.raises(ValueError, match="exact_match.*f1.*substring_match"):
         score_response("<answer>x</answer>", ["x"], metric="em")
+
+
+def test_even_token_share_counts_the_policys_own_tokens_only():
+    from actors.reward import even_token_share
+
+    # Sampled: 2, 3, 4 (two even of three); the observation tokens 6 and 8 (mask 0) do not count.
+    assert even_token_share([2, 3, 6, 8, 4], [1, 1, 0, 0, 1]) == pytest.approx(2 / 3)
+    assert even_token_share([6, 8], [0, 0]) == 0.0

@@ -1,0 +1,89 @@
+"""A scripted expert that writes protocol demonstrations: the cold start of small policies.
+
+A 135M instruct model never writes a ``<search>`` or ``<answer>`` block from the paper's prompt alone, so RL from it
+sees reward 0 everywhere and has no signal. The warm-up fine-tunes it on demonstrations of the protocol first.
+
+The expert plays the policy's part inside the real episode loop (``run_episode``), so a demonstration is built exactly
+as a rollout is: the same prompt tokens, the same ``<information>`` block from a real search engine appended with
+``loss_mask`` 0, the same truncation. Its two turns are
+
+    <think> ... </think>\\n<search> {the question, as a query} </search>
+    <think> ... </think>\\n<answer> {the gold answer} </answer>
+
+Only *grounded* demonstrations are kept for training: those whose retrieved documents contain the gold answer. The
+policy should learn to answer from what it read, not to recite answers it could not have found.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from actors.episode import EpisodeConfig, Generation, run_episode
+from actors.protocol import OBSERVATION_HEAD, OBSERVATION_TAIL, prompt_token_ids
+from actors.reward import substring_match
+from simulator.base import SearchEngine
+
+SEARCH_TURN = "<think> I need to find {topic}. I will search for it. </think>\n<search> {query} </search>"
+ANSWER_TURN = "<think> The information above gives the answer. </think>\n<answer> {answer} </answer>"
+
+_INFORMATION = re.compile(re.escape(OBSERVATION_HEAD.strip()) + r"(.*?)" + re.escape(OBSERVATION_TAIL.strip()),
+                          re.DOTALL)
+
+
+@dataclass
+class Demonstration:
+    question: str
+    golden_answers: tuple[str, ...]
+    prompt_ids: list[int]
+    response_ids: list[int]
+    loss_mask: list[int]
+    response_text: str
+    reward: float
+    grounded: bool  # the gold answer occurs in the retrieved documents
+
+
+def expert_query(question: str) -> str:
+    """The question as a search query: one line, no trailing question mark."""
+    return " ".join(question.split()).rstrip("?").strip()
+
+
+def _topic(question: str) -> str:
+    """"Who founded X?" -> "who founded X": a lower-cased restatement for the expert's thought."""
+    query = expert_query(question)
+    return query[:1].lower() + query[1:]
+
+
+def information_text(response_text: str) -> str:
+    """Everything the response read inside ``<information>`` blocks."""
+    return "\n".join(_INFORMATION.findall(response_text))
+
+
+async def write_demonstration(
+    question: str,
+    golden_answers: tuple[str, ...],
+    engine: SearchEngine,
+    tokenizer: Any,
+    cfg: EpisodeConfig,
+    seed: int | None = None,
+    max_prompt_tokens: int | None = None,
+) -> Demonstration:
+    """One demonstration: the expert searches the question, reads the real result, and answers with the gold answer."""
+    turns = [SEARCH_TURN.format(topic=_topic(question), query=expert_query(question)),
+             ANSWER_TURN.format(answer=golden_answers[0])]
+    written = 0
+
+    async def generate(context_ids: list[int], budget: int) -> Generation:
+        nonlocal written
+        text = turns[min(written, len(turns) - 1)]
+        written += 1
+        ids = list(tokenizer.encode(text, add_special_tokens=False))[:budget]
+        return Generation(ids, [0.0] * len(ids), "stop")
+
+    prompt_ids = prompt_token_ids(question, tokenizer, max_prompt_tokens)
+    result = await run_episode(prompt_ids, question, golden_answers, generate, engine, tokenizer, cfg,
+                               noise_prob=0.0, seed=seed)
+    grounded = bool(substring_match(information_text(result.response_text), golden_answers))
+    return Demonstration(question, golden_answers, prompt_ids, result.response_ids, result.loss_mask,
+                         result.response_text, result.reward, grounded)

@@ -1,0 +1,130 @@
+"""The cold start: scripted protocol demonstrations over real BM25, and SFT on them with a real DeepSpeed learner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from actors.episode import EpisodeConfig
+from actors.expert import expert_query, information_text, write_demonstration
+from actors.protocol import OBSERVATION_HEAD, OBSERVATION_TAIL, cut_at_action, parse_action, prompt_token_ids
+
+
+@pytest.fixture(scope="module")
+def bm25(synthetic_world, tmp_path_factory):
+    from simulator.engines import BM25Search
+
+    return BM25Search(synthetic_world["corpus"], index_dir=tmp_path_factory.mktemp("bm25"), top_k=3)
+
+
+@pytest.fixture(scope="module")
+def single_hop(synthetic_world):
+    from actors.dataset import load_qa
+
+    return [x for x in load_qa(synthetic_world["train"]) if x.data_source == "synthetic_1hop"]
+
+
+def _spans(mask):
+    spans, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            spans.append((start, i, mask[start]))
+            start = i
+    return spans
+
+
+def _demo(example, bm25, tokenizer, **episode):
+    cfg = EpisodeConfig(max_obs_tokens=episode.pop("max_obs_tokens", 400), **episode)
+    return asyncio.run(write_demonstration(example.question, example.golden_answers, bm25, tokenizer, cfg, seed=1))
+
+
+def test_expert_query_is_the_question_on_one_line():
+    assert expert_query("  Who founded\n Voxbeim   Pousou? ") == "Who founded Voxbeim Pousou"
+
+
+def test_demonstration_has_the_protocol_shape(single_hop, bm25, tokenizer):
+    example = single_hop[0]
+    demo = _demo(example, bm25, tokenizer)
+    gold = example.golden_answers[0]
+
+    # Three spans: the expert's search turn (1), the real <information> block (0), the expert's answer turn (1).
+    spans = _spans(demo.loss_mask)
+    assert [v for _, _, v in spans] == [1, 0, 1]
+    first, observation, second = (tokenizer.decode(demo.response_ids[a:b]) for a, b, _ in spans)
+    action = parse_action(cut_at_action(first))
+    assert first.startswith("<think>") and action.kind == "search" and action.content == expert_query(example.question)
+    assert observation.startswith(OBSERVATION_HEAD) and observation.endswith(OBSERVATION_TAIL)
+    assert second.startswith("<think>") and second.endswith(f"<answer> {gold} </answer>")
+    assert parse_action(second).content == gold
+
+    # Single-hop questions of the synthetic world are answerable from one BM25 search: the demo is grounded.
+    assert demo.grounded and gold in information_text(demo.response_text)
+    assert demo.reward == 1.0
+    assert demo.prompt_ids == prompt_token_ids(example.question, tokenizer)  # the rollout's own prompt
+
+
+def test_ungrounded_demonstration_is_flagged(single_hop, bm25, tokenizer):
+    example = single_hop[0]
+    # An observation too short to hold any document text: the gold answer cannot have been read.
+    demo = _demo(example, bm25, tokenizer, max_obs_tokens=12)
+    assert not demo.grounded
+    assert demo.reward == 1.0  # the expert still answers with the gold; such demos are dropped, not trained on
+
+
+def test_most_single_hop_demonstrations_are_grounded(single_hop, bm25, tokenizer):
+    demos = [_demo(x, bm25, tokenizer) for x in single_hop[:40]]
+    assert sum(d.grounded for d in demos) >= 36  # measured: 40 of 40 with top 3 on this world
+
+
+def _warmup_config(tmp_path, **warmup):
+    from launch.config import Config, WarmupConfig
+    from learners.config import LearnerConfig
+
+    cfg = Config()
+    cfg.warmup = WarmupConfig(demonstrations=12, steps=8, batch_size=6, lr=1e-2, lr_warmup_steps=0,
+                              micro_batch_tokens=2048, top_k=3, **warmup)
+    cfg.learner = LearnerConfig(zero_stage=0)
+    cfg.rollout.episode.max_obs_tokens = 128
+    return cfg
+
+
+@pytest.mark.slow
+def test_warm_up_lowers_the_sft_loss_and_exports_a_loadable_policy(ray_local, tiny_llama_path, synthetic_world,
+                                                                    tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from launch.warmup import warm_up
+
+    monkeypatch.setenv("ZEROSEARCH_RAY_MODELS", str(tmp_path / "models"))  # the cache of warmed policies
+    cfg = _warmup_config(tmp_path)
+    cfg.train.warmup = "auto"  # tiny-llama is far below warmup.max_params
+    path, summary = warm_up(cfg, str(tiny_llama_path), synthetic_world["train"], synthetic_world["corpus"], tmp_path)
+
+    assert path.startswith(str(tmp_path / "models" / "warmed"))
+    assert summary["demonstrations"] == 12 and not summary["cached"]
+    losses = summary["sft_losses"]
+    assert len(losses) == 8 and all(v == v for v in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert "<answer>" in summary["example"] and "<information>" in summary["example"]
+    assert AutoModelForCausalLM.from_pretrained(path).config.num_hidden_layers == 2
+    assert json.loads((tmp_path / "models" / "warmed").glob("*/warmup.json").__next__().read_text())["steps"] == 8
+
+    # Same model, data and settings: the cached policy is reused; a changed setting builds a new one.
+    again, cached = warm_up(cfg, str(tiny_llama_path), synthetic_world["train"], synthetic_world["corpus"], tmp_path)
+    assert again == path and cached["cached"]
+    off = _warmup_config(tmp_path)
+    off.train.warmup = "off"
+    assert warm_up(off, str(tiny_llama_path), synthetic_world["train"], synthetic_world["corpus"], tmp_path) == (
+        str(tiny_llama_path), {})
+
+
+def test_warmup_mode_is_checked(tiny_llama_path):
+    from launch.warmup import should_warm_up
+
+    assert should_warm_up("auto", str(tiny_llama_path), 1e9)
+    assert not should_warm_up("auto", str(tiny_llama_path), 1e3)  # tiny-llama has ~3.2M parameters
+    assert should_warm_up("on", str(tiny_llama_path), 1e3)
+    with pytest.raises(ValueError, match="train.warmup='sometimes'"):
+        should_warm_up("sometimes", str(tiny_llama_path), 1e9)
