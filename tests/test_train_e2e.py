@@ -110,6 +110,13 @@ def test_training_steps_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(checkpoint / "hf").config.num_hidden_layers == 2
+    serve = ("from vllm import LLM, SamplingParams; import sys; llm = LLM(model=sys.argv[1], enforce_eager=True, "
+             "gpu_memory_utilization=0.3, max_model_len=512, dtype='bfloat16'); "
+             "out = llm.generate(['Who wrote Hamlet?'], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)); "
+             "print('GENERATED', len(out[0].outputs[0].token_ids))")
+    loaded = subprocess.run([sys.executable, "-c", serve, str(checkpoint / "hf")], capture_output=True, text=True,
+                            timeout=600)
+    assert "GENERATED 4" in loaded.stdout, loaded.stdout[-2000:] + loaded.stderr[-3000:]  # vLLM serves the export
 
     # RL started from the warmed-up policy, which the run folder holds (warmup.cache=false).
     warmup = json.loads((run_dir / "warmup.json").read_text())
