@@ -10,6 +10,7 @@ import pytest
 from actors.episode import EpisodeConfig
 from actors.expert import expert_query, information_text, write_demonstration
 from actors.protocol import OBSERVATION_HEAD, OBSERVATION_TAIL, cut_at_action, parse_action, prompt_token_ids
+from tests.test_train_e2e import _spans
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +25,6 @@ def single_hop(synthetic_world):
     from actors.dataset import load_qa
 
     return [x for x in load_qa(synthetic_world["train"]) if x.data_source == "synthetic_1hop"]
-
-
-def _spans(mask):
-    spans, start = [], 0
-    for i in range(1, len(mask) + 1):
-        if i == len(mask) or mask[i] != mask[start]:
-            spans.append((start, i, mask[start]))
-            start = i
-    return spans
 
 
 def _demo(example, bm25, tokenizer, **episode):
