@@ -88,6 +88,9 @@ def write_demonstrations(cfg: Config, policy_path: str, train_file: Path, corpus
         kept.extend(d for d in demos if d.grounded)
         if len(kept) >= w.demonstrations:
             break
+    if not kept and not any("<information>" in d.response_text for d in demos):
+        raise RuntimeError(f"the expert's search turn never completed: it does not fit rollout.episode."
+                           f"max_tokens_per_turn={episode_cfg.max_tokens_per_turn}; raise it (the expert needs ~50)")
     if not kept:
         raise RuntimeError(f"the expert wrote {written} demonstrations on {train_file} and none was grounded: BM25 "
                            f"over {corpus_file} never retrieved a gold answer. Does the corpus match the questions?")

@@ -25,7 +25,8 @@ TINY_RUN = [
     "train.warmup=off",
 ]
 # The cold start as `make train` runs it, shrunk: a few SFT steps on scripted demonstrations before RL.
-TINY_WARMUP = ["train.warmup=auto", "warmup.demonstrations=8", "warmup.steps=2", "warmup.batch_size=4",
+TINY_WARMUP = ["train.warmup=auto", "rollout.episode.max_tokens_per_turn=64",  # the expert's turns need ~50
+               "warmup.demonstrations=8", "warmup.steps=2", "warmup.batch_size=4",
                "warmup.lr=1e-3", "warmup.cache=false"]
 # A probe reward a random policy already varies on: the share of even token ids among its own tokens. tiny-llama is
 # uniform over its 49k-token vocabulary (entropy 10.79 nats), so over free text no token is ever sampled twice and

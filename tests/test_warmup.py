@@ -120,3 +120,12 @@ def test_warmup_mode_is_checked(tiny_llama_path):
     assert should_warm_up("on", str(tiny_llama_path), 1e3)
     with pytest.raises(ValueError, match="train.warmup='sometimes'"):
         should_warm_up("sometimes", str(tiny_llama_path), 1e9)
+
+
+def test_a_turn_budget_too_small_for_the_expert_is_named(synthetic_world, tiny_llama_path, tmp_path):
+    from launch.warmup import write_demonstrations
+
+    cfg = _warmup_config(tmp_path)
+    cfg.rollout.episode.max_tokens_per_turn = 12
+    with pytest.raises(RuntimeError, match="max_tokens_per_turn=12"):
+        write_demonstrations(cfg, str(tiny_llama_path), synthetic_world["train"], synthetic_world["corpus"])
