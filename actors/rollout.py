@@ -62,7 +62,7 @@ class PolicyEngine:
 
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        args = AsyncEngineArgs(model=model, worker_extension_cls="actors.weight_loader.WeightLoaderExtension",
+        args = AsyncEngineArgs(model=model, worker_extension_cls="actors.weight_transfer.WeightTransferExtension",
                                **engine_kwargs)
         self.llm = AsyncLLM.from_engine_args(args)
         self.search_engine = search_engine
@@ -133,6 +133,26 @@ class PolicyEngine:
         self.policy_version = version
         return time.perf_counter() - started
 
+    async def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                backend: str, timeout_s: float) -> list[int]:
+        """Every worker of this engine joins learner rank 0's broadcast group (``actors/weight_transfer.py``)."""
+        return await asyncio.wait_for(
+            self.llm.collective_rpc("init_weight_group",
+                                    args=(master_address, master_port, rank_offset, world_size, timeout_s, backend)),
+            timeout=timeout_s + 30)
+
+    async def check_weights(self, manifest: dict, timeout_s: float) -> None:
+        await asyncio.wait_for(self.llm.collective_rpc("check_policy_weights", args=(manifest,)), timeout=timeout_s)
+
+    async def receive_weights(self, manifest: dict, bucket_bytes: int, version: int, timeout_s: float) -> float:
+        """Receive one broadcast version in place, while the learners send it."""
+        started = time.perf_counter()
+        await asyncio.wait_for(self.llm.collective_rpc("receive_policy_weights", args=(manifest, bucket_bytes)),
+                               timeout=timeout_s)
+        await self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return time.perf_counter() - started
+
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         """Logprob of each token after the first, under the engine's current weights: the weight-sync canary."""
         from vllm import SamplingParams
@@ -200,6 +220,15 @@ class RolloutActor:
 
     async def raw_generate(self, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
         return await self.core.raw_generate(prompts, max_tokens)
+
+    async def init_weight_group(self, *args) -> list[int]:
+        return await self.core.init_weight_group(*args)
+
+    async def check_weights(self, manifest: dict, timeout_s: float) -> None:
+        await self.core.check_weights(manifest, timeout_s)
+
+    async def receive_weights(self, manifest: dict, bucket_bytes: int, version: int, timeout_s: float) -> float:
+        return await self.core.receive_weights(manifest, bucket_bytes, version, timeout_s)
 
     async def policy_version(self) -> int:
         return self.core.policy_version

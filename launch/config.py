@@ -113,6 +113,11 @@ class ClusterConfig:
         vllm_cpu_kvcache_gb: KV-cache size per vLLM engine on the CPU build (VLLM_CPU_KVCACHE_SPACE).
         gpu_memory_utilization: vLLM's memory share; low on CPU, where the default 0.92 fails.
         actor_start_timeout_s: how long to wait for an actor to come up before failing the run.
+        weight_sync: how new weights reach the engines after each update. ``file``: learner rank 0 writes a
+            safetensors file and every engine reloads from it (one machine, CPU). ``nccl``: learner rank 0 broadcasts
+            them straight from GPU memory to every engine worker (GPU clusters). ``gloo``: the same broadcast over
+            gloo, for CPU engines.
+        weight_sync_bucket_mb: bytes per broadcast collective, in MiB (``nccl``/``gloo``).
     """
 
     address: str | None = None
@@ -128,6 +133,8 @@ class ClusterConfig:
     vllm_cpu_kvcache_gb: float = 1.0
     gpu_memory_utilization: float = 0.3
     actor_start_timeout_s: float = 600.0
+    weight_sync: str = "file"
+    weight_sync_bucket_mb: int = 256
 
 
 @dataclass

@@ -157,6 +157,26 @@ class Cluster:
         ray.get([e.ready.remote() for e in self.engines], timeout=timeout)
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
+        self.manifest = self._open_weight_group() if c.weight_sync != "file" else None
+
+    def _open_weight_group(self) -> dict:
+        """Learner rank 0 and every engine worker join one broadcast group; the engines check what they will get."""
+        import ray
+
+        from learners.weight_broadcast import group_layout
+
+        c, timeout = self.cfg.cluster, self.cfg.train.sync_timeout_s
+        offsets, world = group_layout([c.rollout_tensor_parallel] * len(self.engines))
+        addr, port = self.learners.rendezvous_address()
+        wire_dtype = None if self.cfg.model.dtype == "auto" else self.cfg.model.dtype  # what the engines serve
+        refs = self.learners.open_weight_group(addr, port, world, c.weight_sync, timeout,
+                                               c.weight_sync_bucket_mb * 2**20, wire_dtype)
+        refs += [e.init_weight_group.remote(addr, port, offset, world, c.weight_sync, timeout)
+                 for e, offset in zip(self.engines, offsets)]
+        ray.get(refs, timeout=timeout + 60)
+        manifest = self.learners.weight_manifest()
+        ray.get([e.check_weights.remote(manifest, timeout) for e in self.engines], timeout=timeout + 30)
+        return manifest
 
     def rollout(self, prompts, noise_prob: float, step: int):
         """Run every group; groups stream back as they finish. Every wait is bounded by the rollout timeout."""
@@ -210,9 +230,15 @@ class Cluster:
         timeout = self.cfg.train.sync_timeout_s
         before = ray.get(self.engines[0].prompt_logprobs.remote(self.canary_ids), timeout=timeout)
         started = time.perf_counter()
-        path = self.learners.publish_weights(str(self.weights_dir), version)
-        ray.get([e.load_weights.remote(path, version, timeout) for e in self.engines], timeout=timeout)
-        _remove_older_weights(self.weights_dir, keep=path)
+        if self.manifest is None:  # weight_sync=file
+            path = self.learners.publish_weights(str(self.weights_dir), version)
+            ray.get([e.load_weights.remote(path, version, timeout) for e in self.engines], timeout=timeout)
+            _remove_older_weights(self.weights_dir, keep=path)
+        else:  # learners send while engines receive; neither side finishes alone
+            bucket_bytes = self.cfg.cluster.weight_sync_bucket_mb * 2**20
+            ray.get(self.learners.broadcast_weights(self.manifest)
+                    + [e.receive_weights.remote(self.manifest, bucket_bytes, version, timeout) for e in self.engines],
+                    timeout=timeout)
         elapsed = time.perf_counter() - started
         canary = LearnerSample(input_ids=self.canary_ids, prompt_len=1, loss_mask=[1] * (len(self.canary_ids) - 1))
         [learner_lp] = self.learners.logprobs([canary])
@@ -302,6 +328,8 @@ def _check(cfg: Config) -> None:
 
     if cfg.train.algorithm not in ALGORITHMS:
         raise ValueError(f"train.algorithm={cfg.train.algorithm!r}; expected one of {list(ALGORITHMS)}")
+    if cfg.cluster.weight_sync not in ("file", "nccl", "gloo"):
+        raise ValueError(f"cluster.weight_sync={cfg.cluster.weight_sync!r}; expected file, nccl or gloo")
     if cfg.train.max_staleness != 0:
         raise ValueError("train.max_staleness > 0 (asynchronous training) is not built yet; use 0")
     from actors.reward import METRICS, PROBE_REWARDS

@@ -364,6 +364,26 @@ class DeepSpeedCore:
         D.barrier()
         return str(path)
 
+    def open_weight_group(self, master_address: str, master_port: int, world_size: int, backend: str,
+                          timeout_s: float, bucket_bytes: int, wire_dtype: str | None) -> None:
+        """Join the broadcast weight sync (``learners/weight_broadcast.py``): rank 0 sends, the others only gather."""
+        from learners.weight_broadcast import WeightBroadcaster
+
+        dtype = getattr(torch, wire_dtype) if wire_dtype else None
+        if D.rank() == 0:
+            self.broadcaster = WeightBroadcaster.connect(master_address, master_port, world_size, backend=backend,
+                                                         timeout_s=timeout_s, bucket_bytes=bucket_bytes,
+                                                         wire_dtype=dtype)
+        else:
+            self.broadcaster = WeightBroadcaster(None, bucket_bytes=bucket_bytes, wire_dtype=dtype)
+
+    def weight_manifest(self) -> dict:
+        return self.broadcaster.manifest(self.engine.module.named_parameters())
+
+    def broadcast_weights(self, manifest: dict) -> dict[str, float]:
+        """Send the current weights to every engine of the group; every learner rank calls this together."""
+        return self.broadcaster.broadcast(self.engine.module.named_parameters(), manifest)
+
     def export_hf(self, directory: str | os.PathLike) -> str:
         """``save_pretrained`` + tokenizer into ``directory`` (atomic): loads in transformers and vLLM."""
         directory = Path(directory)

@@ -66,6 +66,20 @@ class LearnerGroup:
     def publish_weights(self, directory: str, version: int) -> str:
         return self._get([a.publish_weights.remote(str(directory), version) for a in self.actors])[0]
 
+    def open_weight_group(self, *args) -> list:
+        """Start every rank joining the broadcast group; returns the refs, to be awaited with the engines' joins."""
+        return [a.open_weight_group.remote(*args) for a in self.actors]
+
+    def weight_manifest(self) -> dict:
+        return self._get(self.actors[0].weight_manifest.remote())
+
+    def broadcast_weights(self, manifest: dict) -> list:
+        """Start the broadcast on every rank; returns the refs, to be awaited with the engines' receives."""
+        return [a.broadcast_weights.remote(manifest) for a in self.actors]
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return self._get(self.actors[0].master_address.remote())
+
     def save_checkpoint(self, directory: str) -> str:
         return self._get([a.save_checkpoint.remote(str(directory)) for a in self.actors])[0]
 

@@ -116,6 +116,15 @@ class LearnerActorShell:
     def publish_weights(self, directory: str, version: int) -> str:
         return self.core.publish_weights(directory, version)
 
+    def open_weight_group(self, *args) -> None:
+        self.core.open_weight_group(*args)
+
+    def weight_manifest(self) -> dict:
+        return self.core.weight_manifest()
+
+    def broadcast_weights(self, manifest: dict) -> dict[str, float]:
+        return self.core.broadcast_weights(manifest)
+
     def save_checkpoint(self, directory: str) -> str:
         return self.core.save_checkpoint(directory)
 

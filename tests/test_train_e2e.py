@@ -127,6 +127,21 @@ def test_training_steps_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_broadcast_weight_sync_end_to_end(tmp_path):
+    """The GPU path's protocol (learner rank 0 broadcasts, every engine worker receives in place) over gloo."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.train", *TINY_RUN, "cluster.weight_sync=gloo",
+           "cluster.weight_sync_bucket_mb=1", "train.export_hf=false", f"data.dir={tmp_path / 'world'}",
+           f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["sync/canary_moved"] > 0.0 and row["sync/canary_gap"] < 0.01
+
+
+@pytest.mark.slow
 def test_grpo_raises_a_learnable_reward(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch.train", *PROBE_RUN, f"data.dir={tmp_path / 'world'}",

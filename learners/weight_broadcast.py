@@ -1,0 +1,434 @@
+"""Learner side of the GPU weight sync: learner rank 0 broadcasts the full policy weights to every vLLM worker.
+
+Why
+---
+The CPU path (``DeepSpeedCore.publish_weights``) writes a safetensors file that every engine reads back. On a GPU
+cluster that costs a device-to-host copy, a file write, one read and host-to-device copy per engine, and storage that
+every node shares. Here learner rank 0 and every vLLM worker form one extra NCCL group instead, and rank 0 broadcasts
+the weights straight from GPU memory; each worker loads them in place (``actors/weight_transfer.py``).
+
+The group
+---------
+Rank 0 is learner rank 0; the vLLM workers take ranks 1 .. world_size - 1, engine ``i``'s workers starting at its
+``rank_offset`` (``group_layout``). Rank 0 hosts the rendezvous (a TCPStore). NCCL runs through vLLM's
+``PyNcclCommunicator`` over a ``StatelessProcessGroup``, the pair vLLM's own ``nccl`` weight-transfer engine and
+OpenRLHF/verl use: a learner already belongs to DeepSpeed's torch.distributed world, and a process can have only one
+default group. ``backend="gloo"`` runs the same protocol on CPU tensors, for CPU engines and for the tests.
+
+The wire
+--------
+The driver hands the receivers a manifest once (``manifest()``: parameter names, dtype names and shapes, the fields of
+vLLM's ``NCCLWeightTransferUpdateInfo``); the data is one uint8 broadcast per bucket. A bucket is a run of consecutive
+tensors in manifest order, closed as soon as it holds MORE than ``bucket_bytes``. That is the rule of vLLM's packed
+broadcast (``vllm.distributed.weight_transfer.packed_tensor``), so this stream also feeds vLLM's built-in ``nccl``
+engine configured with ``packed=True, packed_buffer_size_bytes=bucket_bytes``. Both ends derive the plan from the
+manifest alone, so no per-bucket header travels, and a bucket can exceed ``bucket_bytes`` by less than its last tensor.
+
+Timeouts
+--------
+Every cross-process step is bounded by ``timeout_s``: the rendezvous, the communicator's creation, and each bucket's
+broadcast. NCCL itself has no timeout (a missing peer hangs the stream for good), so rank 0 waits for each bucket on a
+CUDA event polled against a deadline, and on expiry aborts the communicator and raises ``TimeoutError``; the group must
+then be formed again. The ZeRO-3 gathers are collectives of the learners' own group, bounded by its timeout
+(``learners.distributed``).
+
+ZeRO-3
+------
+Every learner rank calls ``broadcast`` in lockstep: each bucket's parameters are gathered together (one all-gather per
+bucket, not one per tensor) and only rank 0 sends. Shapes come from ``ds_shape``, so the plan is known before gathering
+and is the same on every rank.
+
+This module imports nothing from ``actors``; the actor side re-implements the few lines it needs (the bucket plan,
+receiving), and ``tests/test_weight_transfer.py`` checks that the two ends agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+# Bytes per broadcast. Large enough that a 7B bf16 model (14 GB) goes in ~55 collectives, whose fixed cost is then
+# negligible; small enough for the receivers' spare GPU memory, since a worker holds up to a bucket plus one tensor
+# beyond its KV cache while loading. Must be the same on the learner and on every engine.
+DEFAULT_BUCKET_BYTES = 256 * 1024**2
+# Longest any one cross-process step may take: the rendezvous (every engine must join within it) and each bucket's
+# broadcast, which also waits for the receivers to finish loading the previous bucket.
+DEFAULT_TIMEOUT_S = 300.0
+# Gloo's keys in the rendezvous store, apart from the keys PyNcclCommunicator writes.
+GLOO_STORE_PREFIX = "zerosearch-weight-sync/"
+
+Manifest = dict[str, list]
+"""``{"names": [str], "dtype_names": [str], "shapes": [[int]]}``: plain lists, so it passes through Ray and vLLM's
+msgpack-based ``collective_rpc`` unchanged, and it is the payload of vLLM's ``NCCLWeightTransferUpdateInfo``."""
+
+
+class Channel(Protocol):
+    """One end of the broadcast group. ``broadcast`` fills ``tensor`` on receivers, blocks until the collective has
+    completed on this rank, and raises ``TimeoutError`` past the channel's timeout."""
+
+    device: torch.device
+
+    def broadcast(self, tensor: Tensor, src: int, what: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure helpers: layout, metadata, the bucket plan
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def group_layout(workers_per_engine: Sequence[int]) -> tuple[list[int], int]:
+    """``(rank_offset per engine, world_size)`` of the broadcast group: rank 0 is the learner, then each engine's
+    workers (tensor x pipeline parallel size) in a block of their own."""
+    offsets, next_rank = [], 1
+    for i, n in enumerate(workers_per_engine):
+        if n < 1:
+            raise ValueError(f"engine {i} has {n} workers; every engine needs at least one")
+        offsets.append(next_rank)
+        next_rank += n
+    return offsets, next_rank
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as vLLM's update info spells it (``getattr(torch, name)`` inverts it)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def full_shape(tensor: Tensor) -> tuple[int, ...]:
+    """The unpartitioned shape: a ZeRO-3 parameter is an empty placeholder whose real shape is in ``ds_shape``."""
+    shape = getattr(tensor, "ds_shape", None)
+    return tuple(int(d) for d in (tensor.shape if shape is None else shape))
+
+
+def wire_dtype_of(dtype: torch.dtype, wire_dtype: torch.dtype | None) -> torch.dtype:
+    """Floating-point weights travel in ``wire_dtype`` when one is set; integer and bool tensors never change type."""
+    return wire_dtype if wire_dtype is not None and dtype.is_floating_point else dtype
+
+
+def describe_weights(named_tensors: Iterable[tuple[str, Tensor]], wire_dtype: torch.dtype | None = None) -> Manifest:
+    """The manifest of what ``broadcast`` will send: names, wire dtypes, full shapes, in order. Reads metadata only
+    (no gather, no copy)."""
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[list[int]] = []
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if name in seen:
+            raise ValueError(f"parameter {name!r} appears twice; each tensor must be published once")
+        seen.add(name)
+        names.append(name)
+        dtypes.append(dtype_name(wire_dtype_of(tensor.dtype, wire_dtype)))
+        shapes.append(list(full_shape(tensor)))
+    return {"names": names, "dtype_names": dtypes, "shapes": shapes}
+
+
+def manifest_nbytes(manifest: Manifest) -> list[int]:
+    """Bytes of each tensor on the wire."""
+    return [math.prod(shape) * getattr(torch, dt).itemsize
+            for dt, shape in zip(manifest["dtype_names"], manifest["shapes"])]
+
+
+def plan_buckets(nbytes: Sequence[int], bucket_bytes: int) -> list[tuple[int, int]]:
+    """Split tensors (their sizes, in send order) into buckets: ``[(start, stop)]`` index ranges, consecutive, each
+    tensor in exactly one. A bucket closes as soon as it holds MORE than ``bucket_bytes`` (vLLM's packed rule), so a
+    tensor larger than the budget ends a bucket of its own and the last bucket may be smaller.
+
+    ``actors/weight_transfer.py`` has the same function; both ends must cut the stream identically.
+    """
+    if bucket_bytes < 0:
+        raise ValueError(f"bucket_bytes must be >= 0, got {bucket_bytes}")
+    buckets: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, n in enumerate(nbytes):
+        total += n
+        if total > bucket_bytes:
+            buckets.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < len(nbytes):
+        buckets.append((start, len(nbytes)))
+    return buckets
+
+
+def _first_difference(declared: Manifest, actual: Manifest) -> str | None:
+    """Where two manifests first disagree, naming the parameter; None when they are equal."""
+    for i, (name, dt, shape) in enumerate(zip(actual["names"], actual["dtype_names"], actual["shapes"])):
+        if i >= len(declared["names"]):
+            return f"parameter {name!r} (#{i}) is not in the declared manifest of {len(declared['names'])} tensors"
+        want = (declared["names"][i], declared["dtype_names"][i], [int(d) for d in declared["shapes"][i]])
+        if (name, dt, list(shape)) != want:
+            return (f"tensor #{i}: declared {want[0]!r} {want[1]} {tuple(want[2])}, "
+                    f"the model now has {name!r} {dt} {tuple(shape)}")
+    if len(declared["names"]) > len(actual["names"]):
+        return f"declared parameter {declared['names'][len(actual['names'])]!r} is no longer in the model"
+    return None
+
+
+def gather_zero3(tensors: Sequence[Tensor]) -> contextlib.AbstractContextManager:
+    """Materialise ZeRO-3 partitioned parameters for the duration of the block (one all-gather for the whole list,
+    collective over the learners' group); a no-op for ordinary tensors."""
+    if not any(hasattr(t, "ds_id") for t in tensors):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(tensors), modifier_rank=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The broadcaster
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class WeightBroadcaster:
+    """Broadcasts a model's weights bucket by bucket. Rank 0 holds a ``channel``; other learner ranks hold none and
+    only take part in the ZeRO-3 gathers, so call ``broadcast`` on every learner rank.
+
+    Args:
+        channel: rank 0's end of the group (``connect``), or None on the other learner ranks.
+        bucket_bytes: bytes per broadcast (see ``plan_buckets``); must equal the receivers' value.
+        wire_dtype: floating-point weights are cast to this dtype before sending (e.g. the engines' serving dtype,
+            when the learner keeps fp32 weights); None sends them in their training dtype.
+        gather: context-manager factory that materialises a bucket's parameters on every learner rank
+            (``gather_zero3`` by default, a no-op outside ZeRO-3).
+    """
+
+    def __init__(self, channel: Channel | None = None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 wire_dtype: torch.dtype | None = None,
+                 gather: Callable[[Sequence[Tensor]], contextlib.AbstractContextManager] = gather_zero3) -> None:
+        if bucket_bytes < 0:
+            raise ValueError(f"bucket_bytes must be >= 0, got {bucket_bytes}")
+        self.channel = channel
+        self.bucket_bytes = bucket_bytes
+        self.wire_dtype = wire_dtype
+        self.gather = gather
+
+    @classmethod
+    def connect(cls, master_address: str, master_port: int, world_size: int, *, backend: str = "nccl",
+                timeout_s: float = DEFAULT_TIMEOUT_S, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                wire_dtype: torch.dtype | None = None) -> WeightBroadcaster:
+        """Open the group as rank 0 (on learner rank 0 only). Blocks until all ``world_size - 1`` workers have joined
+        (their ``init_weight_group``, issued concurrently by the driver) or ``timeout_s`` passes.
+
+        Args:
+            master_address, master_port: where rank 0 hosts the rendezvous; reachable from every engine's node.
+            world_size: 1 + the number of vLLM workers (``group_layout``).
+            backend: ``"nccl"`` (GPU weights, the production path) or ``"gloo"`` (CPU tensors).
+            timeout_s: bound on the rendezvous and on each bucket's broadcast.
+        """
+        channel = open_channel(backend, master_address, master_port, 0, world_size, timeout_s)
+        return cls(channel, bucket_bytes=bucket_bytes, wire_dtype=wire_dtype)
+
+    @property
+    def is_sender(self) -> bool:
+        return self.channel is not None
+
+    def manifest(self, named_tensors: Iterable[tuple[str, Tensor]]) -> Manifest:
+        """What ``broadcast`` sends for these tensors; the driver passes it to every receiver. Pass
+        ``module.named_parameters()`` (tied weights appear once, as in ``save_pretrained``'s checkpoints)."""
+        return describe_weights(named_tensors, self.wire_dtype)
+
+    def broadcast(self, named_tensors: Iterable[tuple[str, Tensor]], manifest: Manifest | None = None
+                  ) -> dict[str, float]:
+        """Send every tensor, in order, bucket by bucket; collective over the learners (ZeRO-3) and, on rank 0, over
+        the broadcast group. ``manifest``, if given, is what the receivers were told: a model that no longer matches
+        it raises ``ValueError`` (naming the parameter) before anything is sent.
+
+        Returns ``{"tensors", "buckets", "bytes", "seconds"}`` (``bytes`` is 0 on ranks that do not send).
+        """
+        pairs = list(named_tensors)
+        current = self.manifest(pairs)
+        if manifest is not None and (problem := _first_difference(manifest, current)) is not None:
+            raise ValueError(f"the weights no longer match the manifest the receivers expect: {problem}")
+        sizes = manifest_nbytes(current)
+        plan = plan_buckets(sizes, self.bucket_bytes)
+        started = time.perf_counter()
+        sent = 0
+        for k, (start, stop) in enumerate(plan):
+            chunk = pairs[start:stop]
+            # The packed copy is made inside the gather so the full parameters can be released before the broadcast.
+            with self.gather([t for _, t in chunk]):
+                buffer = self._pack(chunk, current, start) if self.channel is not None else None
+            if buffer is not None:
+                what = f"bucket {k + 1}/{len(plan)} ({chunk[0][0]} .. {chunk[-1][0]}, {buffer.numel()} bytes)"
+                self.channel.broadcast(buffer, 0, what)
+                sent += buffer.numel()
+        return {"tensors": len(pairs), "buckets": len(plan), "bytes": sent,
+                "seconds": time.perf_counter() - started}
+
+    def _pack(self, chunk: list[tuple[str, Tensor]], manifest: Manifest, start: int) -> Tensor:
+        device = self.channel.device
+        flats = []
+        for i, (name, tensor) in enumerate(chunk, start=start):
+            if list(tensor.shape) != list(manifest["shapes"][i]):
+                raise ValueError(f"parameter {name!r} has shape {tuple(tensor.shape)} after gathering, but "
+                                 f"{tuple(manifest['shapes'][i])} was declared (is it still partitioned?)")
+            wire = tensor.detach().to(device=device, dtype=wire_dtype_of(tensor.dtype, self.wire_dtype))
+            flats.append(wire.contiguous().reshape(-1).view(torch.uint8))
+        return torch.cat(flats) if flats else torch.empty(0, dtype=torch.uint8, device=device)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Channels (rank 0's end). actors/weight_transfer.py has the receiving twin.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def open_channel(backend: str, master_address: str, master_port: int, rank: int, world_size: int,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> Channel:
+    """Join the broadcast group as ``rank``: rendezvous through a TCPStore hosted by rank 0, then the data plane."""
+    if world_size < 2:
+        raise ValueError(f"a broadcast group needs the learner and at least one worker, got world_size={world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the group of {world_size}")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"unknown weight-sync backend {backend!r} (nccl or gloo)")
+    store = _rendezvous(master_address, master_port, rank, world_size, timeout_s)
+    if backend == "gloo":
+        return GlooChannel(store, rank, world_size, timeout_s)
+    return NcclChannel(store, rank, world_size, timeout_s)
+
+
+def _rendezvous(host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    from torch.distributed import TCPStore
+
+    started = time.monotonic()
+    try:
+        # Rank 0's constructor returns once every rank has connected; the others' once they have.
+        return TCPStore(host, port, world_size, rank == 0, timeout=timedelta(seconds=timeout_s))
+    except Exception as e:
+        if time.monotonic() - started >= timeout_s:
+            raise TimeoutError(f"weight-sync rendezvous at {host}:{port} (rank {rank} of {world_size}) did not "
+                               f"complete within {timeout_s:.0f} s: {e}") from e
+        raise
+
+
+def _run_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """``fn()`` in a daemon thread, so that a blocking C call (NCCL init) cannot outlive ``timeout_s``."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, name=what, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``done`` until it is true (True) or ``timeout_s`` passes (False). The back-off starts short so a fast
+    bucket costs microseconds and stays at 5 ms so a long one costs little CPU."""
+    deadline = time.monotonic() + timeout_s
+    pause = 5e-5
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 5e-3)
+    return True
+
+
+class GlooChannel:
+    """The group over gloo on CPU tensors: a standalone ``ProcessGroupGloo`` on the rendezvous store, outside the
+    default torch.distributed world (which on a learner is DeepSpeed's)."""
+
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float) -> None:
+        from torch.distributed import PrefixStore, ProcessGroupGloo
+
+        self.device = torch.device("cpu")
+        self.rank, self.timeout_s = rank, timeout_s
+        self._store = store
+        self._group = ProcessGroupGloo(PrefixStore(GLOO_STORE_PREFIX, store), rank, world_size,
+                                       timedelta(seconds=timeout_s))
+
+    def broadcast(self, tensor: Tensor, src: int, what: str) -> None:
+        from torch.distributed import BroadcastOptions
+
+        if self._group is None:
+            raise RuntimeError("the weight-sync group is closed (or broke on a timeout); form it again")
+        opts = BroadcastOptions()
+        opts.rootRank, opts.rootTensor = src, 0
+        opts.timeout = timedelta(seconds=self.timeout_s)
+        started = time.monotonic()
+        try:
+            self._group.broadcast([tensor], opts).wait(timedelta(seconds=self.timeout_s))
+        except Exception as e:
+            self.close()
+            if time.monotonic() - started >= self.timeout_s * 0.99:
+                raise TimeoutError(f"weight-sync broadcast of {what} did not complete within "
+                                   f"{self.timeout_s:.0f} s: {e}") from e
+            raise
+
+    def close(self) -> None:
+        group, self._group, self._store = self._group, None, None
+        if group is not None:
+            with contextlib.suppress(Exception):
+                group.shutdown()
+
+
+class NcclChannel:
+    """The group over NCCL: vLLM's ``PyNcclCommunicator`` on a ``StatelessProcessGroup`` around the rendezvous store,
+    on this process's current CUDA device. Each broadcast runs on the current stream and is waited for on an event."""
+
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float) -> None:
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("the nccl weight-sync backend needs a CUDA device; use backend='gloo' on CPU")
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.rank, self.timeout_s = rank, timeout_s
+        self._store, self._comm = store, None
+        group = StatelessProcessGroup(rank=rank, world_size=world_size, store=store)
+        with _unpinned_nccl_env():
+            self._comm = _run_with_timeout(lambda: PyNcclCommunicator(group, device=self.device), timeout_s,
+                                           f"NCCL communicator creation (rank {rank} of {world_size})")
+        if self._comm.disabled:
+            # PyNcclCommunicator silently turns every call into a no-op when it cannot load NCCL.
+            raise RuntimeError("PyNcclCommunicator is disabled (NCCL library not found or VLLM_DISABLE_PYNCCL set)")
+
+    def broadcast(self, tensor: Tensor, src: int, what: str) -> None:
+        if self._comm is None:
+            raise RuntimeError("the weight-sync group is closed (or broke on a timeout); form it again")
+        stream = torch.cuda.current_stream(self.device)
+        self._comm.broadcast(tensor, src=src, stream=stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        if not _wait_until(done.query, self.timeout_s):
+            # The NCCL kernel waits for its peers forever; only aborting the communicator releases it.
+            self.close()
+            raise TimeoutError(f"weight-sync broadcast of {what} did not complete within {self.timeout_s:.0f} s")
+
+    def close(self) -> None:
+        comm, self._comm, self._store = self._comm, None, None
+        if comm is not None:
+            comm.destroy()
+
+
+def _unpinned_nccl_env() -> contextlib.AbstractContextManager:
+    """vLLM may pin NCCL variables for its own communicators; a group shared with other processes is created without
+    them, as vLLM's weight-transfer engines do."""
+    try:
+        from vllm.utils.nccl import unpinned_nccl_env
+    except ImportError:
+        return contextlib.nullcontext()
+    return unpinned_nccl_env()
