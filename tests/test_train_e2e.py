@@ -84,15 +84,20 @@ def test_information_tokens_are_masked_on_real_trajectories(ray_local, tiny_llam
         assert tokenizer.decode(t.response_ids[:first_masked]).startswith("<search>")
 
 
+def _train(tmp_path, *overrides: str, timeout: int = 1200) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``python -m launch.train`` in a fresh process with a world and run folder under ``tmp_path``; its rows."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.train", *overrides, f"data.dir={tmp_path / 'world'}",
+           f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_training_steps_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.train", *TINY_RUN, *TINY_WARMUP, f"data.dir={tmp_path / 'world'}",
-           f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    result, rows = _train(tmp_path, *TINY_RUN, *TINY_WARMUP)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert all(math.isfinite(row[k]) for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"))
@@ -129,13 +134,8 @@ def test_training_steps_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_broadcast_weight_sync_end_to_end(tmp_path):
     """The GPU path's protocol (learner rank 0 broadcasts, every engine worker receives in place) over gloo."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.train", *TINY_RUN, "cluster.weight_sync=gloo",
-           "cluster.weight_sync_bucket_mb=1", "train.export_hf=false", f"data.dir={tmp_path / 'world'}",
-           f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    _, rows = _train(tmp_path, *TINY_RUN, "cluster.weight_sync=gloo", "cluster.weight_sync_bucket_mb=1",
+                     "train.export_hf=false")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert row["sync/canary_moved"] > 0.0 and row["sync/canary_gap"] < 0.01
@@ -143,13 +143,7 @@ def test_broadcast_weight_sync_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_raises_a_learnable_reward(tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.train", *PROBE_RUN, f"data.dir={tmp_path / 'world'}",
-           f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    _, rows = _train(tmp_path, *PROBE_RUN, timeout=1500)
     rewards = [r["critic/score/mean"] for r in rows]
     assert len(rewards) == 20
     first, last = sum(rewards[:3]) / 3, sum(rewards[-10:]) / 10
