@@ -87,14 +87,17 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
             curriculum.observe(metrics["critic/score/mean"])                            # 7
             logger.log(step, metrics, _sample_rows(trajectories, cfg.logger.wandb.sample_table_rows))
             _print_step(step, cfg.train.total_steps, metrics)
-            if stop.requested or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler, export_hf=False)
             if stop.requested:
-                print("interrupted: checkpoint written, exiting", flush=True)
                 break
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.total_steps:
+                cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler, export_hf=False)     # 9
         final = cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler,
                                    export_hf=cfg.train.export_hf)
-        probe = cluster.raw_throughput(trajectories, metrics["perf/tokens_per_s"]) if cfg.train.throughput_probe else {}
+        if stop.requested:
+            print(f"interrupted after step {step}: checkpoint written, exiting", flush=True)
+        probe = {}
+        if cfg.train.throughput_probe and not stop.requested:
+            probe = cluster.raw_throughput(trajectories, metrics["perf/tokens_per_s"])
         plot = logger.plot()
         wandb_dir = logger.finish()
         summary = {"run_dir": str(run_dir), "metrics": str(logger.metrics_path), "plot": str(plot),

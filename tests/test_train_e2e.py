@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -139,6 +141,29 @@ def test_broadcast_weight_sync_end_to_end(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert row["sync/canary_moved"] > 0.0 and row["sync/canary_gap"] < 0.01
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.train", *TINY_RUN, "train.total_steps=50", "train.export_hf=false",
+           f"data.dir={tmp_path / 'world'}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 900
+    while not (metrics.is_file() and metrics.read_text().strip()):  # wait for the first step
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run ended or stalled before its first step: " + proc.communicate()[1][-3000:])
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    steps = len(metrics.read_text().splitlines())
+    assert 1 <= steps < 50 and f"interrupted after step {steps}" in out
+    state = json.loads((run_dir / "checkpoints" / f"step_{steps}" / "driver_state.json").read_text())
+    assert state["step"] == steps and state["sampler"]["position"] == 2 * steps
+    assert (run_dir / "checkpoints" / f"step_{steps}" / "deepspeed").is_dir()
 
 
 @pytest.mark.slow
