@@ -67,6 +67,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
 
     init_ray(cfg)
     stop = _StopFlag()
+    progress = _Progress(cfg.train.total_steps)
     cluster = None
     try:
         # Cold start of small policies: SFT on protocol demonstrations (train.warmup=auto|on|off).
@@ -86,11 +87,12 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
                                     time.perf_counter() - t_step, cluster)
             curriculum.observe(metrics["critic/score/mean"])                            # 7
             logger.log(step, metrics, _sample_rows(trajectories, cfg.logger.wandb.sample_table_rows))
-            _print_step(step, cfg.train.total_steps, metrics)
+            progress.show(step, metrics)
             if stop.requested:
                 break
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.total_steps:
                 cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler, export_hf=False)     # 9
+        progress.close()
         final = cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler,
                                    export_hf=cfg.train.export_hf)
         if stop.requested:
@@ -319,11 +321,29 @@ def _sample_rows(trajectories, n: int) -> list[dict[str, Any]]:
             for t in trajectories[:n]]
 
 
-def _print_step(step: int, total: int, m: dict[str, float]) -> None:
-    print(f"step {step}/{total}  reward {m['critic/score/mean']:.3f}  noise {m['search/noise_prob']:.3f}  "
-          f"searches {m['search/calls_per_episode']:.2f}  valid {m['episode/valid_action_share']:.2f}  "
-          f"kl {m.get('actor/kl', 0.0):.4f}  step {m['timing_s/step']:.1f}s (gen {m['timing_s/gen']:.1f}s, "
-          f"train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)", flush=True)
+class _Progress:
+    """A progress bar (step, reward, noise probability, searches) on a terminal, and one full line per step always,
+    so that logs of batch jobs carry every step too."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.total = total
+        self.bar = tqdm(total=total, desc="RL steps", unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+    def show(self, step: int, m: dict[str, float]) -> None:
+        self.bar.set_postfix(reward=f"{m['critic/score/mean']:.3f}", noise=f"{m['search/noise_prob']:.3f}",
+                             searches=f"{m['search/calls_per_episode']:.2f}")
+        self.bar.update(1)
+        self.bar.write(
+            f"step {step}/{self.total}  reward {m['critic/score/mean']:.3f}  noise {m['search/noise_prob']:.3f}  "
+            f"searches {m['search/calls_per_episode']:.2f}  valid {m['episode/valid_action_share']:.2f}  "
+            f"kl {m.get('actor/kl', 0.0):.4f}  step {m['timing_s/step']:.1f}s (gen {m['timing_s/gen']:.1f}s, "
+            f"train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)", file=sys.stdout)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _check(cfg: Config) -> None:
