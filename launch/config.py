@@ -118,6 +118,8 @@ class ClusterConfig:
             them straight from GPU memory to every engine worker (GPU clusters). ``gloo``: the same broadcast over
             gloo, for CPU engines.
         weight_sync_bucket_mb: bytes per broadcast collective, in MiB (``nccl``/``gloo``).
+        critics: data-parallel DeepSpeed critic actors (``train.algorithm=ppo`` only).
+        critic_gpus: GPUs per critic actor (0 on CPU).
     """
 
     address: str | None = None
@@ -135,6 +137,8 @@ class ClusterConfig:
     actor_start_timeout_s: float = 600.0
     weight_sync: str = "file"
     weight_sync_bucket_mb: int = 256
+    critics: int = 1
+    critic_gpus: float = 0
 
 
 @dataclass
@@ -143,11 +147,22 @@ class TrainConfig:
 
     Attributes:
         algorithm: advantage estimator: ``grpo`` (the default), ``dr_grpo``, ``rloo``, ``reinforce`` (raw reward, the
-            paper's REINFORCE), ``reinforce_pp`` or ``reinforce_pp_baseline``.
+            paper's REINFORCE), ``reinforce_pp``, ``reinforce_pp_baseline`` or ``ppo`` (GAE with a critic, see
+            ``Config.critic``).
         total_steps: RL steps (paper: 203). The curriculum and the learning-rate warmup read it too.
         prompts_per_step: distinct questions per step (paper: 64).
         group_size: episodes per question (paper: n_agent = 5); GRPO's group.
-        max_staleness: policy versions a trajectory may lag; 0 is strictly on-policy.
+        max_staleness: policy versions a trajectory may lag; 0 is strictly on-policy. With K > 0 the rollouts of the
+            next K steps run while the learners train, and the loss corrects the lag with an importance ratio against
+            the rollout logprobs (truncated when ``learner.tis_cap`` is set).
+        gamma: PPO's discount over model tokens (the paper: 1.0).
+        lam: PPO's GAE λ (the paper: 1.0).
+        kl_penalty: where the KL to the reference goes. ``loss``: a loss term weighted by ``learner.kl_coef`` (GRPO,
+            REINFORCE). ``reward``: ``−learner.kl_coef · (log π_old − log π_ref)`` on every model token's reward
+            (PPO in the paper). ``auto``: ``reward`` for ``ppo``, ``loss`` otherwise.
+        dynamic_filter: drop groups whose rewards are all equal (no GRPO signal) and refill the batch with new
+            prompts, up to ``dynamic_filter_rounds`` extra rollouts per step.
+        dynamic_filter_rounds: extra rollout rounds a step may spend refilling; the step trains on what it has then.
         save_every: checkpoint every this many steps (and at the end); 0 only at the end.
         rollout_timeout_s: one step's rollout; a stalled engine fails the step instead of hanging the run.
         sync_timeout_s: one weight sync.
@@ -165,6 +180,11 @@ class TrainConfig:
     prompts_per_step: int = 4
     group_size: int = 4
     max_staleness: int = 0
+    gamma: float = 1.0
+    lam: float = 1.0
+    kl_penalty: str = "auto"
+    dynamic_filter: bool = False
+    dynamic_filter_rounds: int = 2
     save_every: int = 0
     rollout_timeout_s: float = 1800.0
     sync_timeout_s: float = 300.0
@@ -211,7 +231,16 @@ class WarmupConfig:
 
 @dataclass
 class Config:
-    """The whole run. Groups are chosen on the command line (``model=tiny_llama``), fields set with ``key=value``."""
+    """The whole run. Groups are chosen on the command line (``model=tiny_llama``), fields set with ``key=value``.
+
+    Attributes:
+        critic: the PPO critic's learner settings (``conf/critic/``; lr 1e-5, warmup ratio 0.015 and value clip 0.5 in
+            the paper). Unused by the other algorithms.
+        seed: seeds prompts order, rollouts and the learners.
+        resume: ``off``; ``auto`` continues from the newest checkpoint in the run folder when there is one (else
+            starts fresh); or the path of a run folder to continue in. Restores the learners' DeepSpeed states, the
+            curriculum, the data position and the RNG; ``metrics.jsonl`` continues without a gap or a repeat.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -224,7 +253,9 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    critic: LearnerConfig = field(default_factory=LearnerConfig)
     seed: int = 0
+    resume: str = "off"
 
 
 def register_configs() -> None:

@@ -38,8 +38,10 @@ class LearnerConfig:
         kl_kind: KL estimator of the loss: ``k1``, ``k2``, ``k3``/``low_var_kl`` (see ``algorithms.kl_estimate``).
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
         ppo_epochs: passes over the batch per RL step; each pass is one optimizer step.
-        tis_cap: truncated importance-sampling cap for off-policy rollout logprobs; None disables TIS. Only used when
-            the driver passes rollout logprobs separately from recomputed ``old_logprobs``.
+        tis_cap: truncated importance sampling. None: the PPO ratio is taken against the rollout logprobs directly.
+            C: the learners first recompute ``old_logprobs`` with their current weights, the PPO ratio is taken against
+            those, and each token's loss is weighted by min(π_old / π_rollout, C).
+        value_clip: the critic's value clip c (critic only): a value may move at most c from the one GAE used.
         offload_reference: keep the frozen reference model on the CPU between calls (GPU runs); no effect on CPU.
         reference_bf16: run the reference model in bfloat16 (else fp32).
         logprob_micro_batch_tokens: token budget of a micro-batch in ``logprobs`` (no gradient: can be larger).
@@ -71,6 +73,7 @@ class LearnerConfig:
     entropy_coef: float = 0.001
     ppo_epochs: int = 1
     tis_cap: float | None = None
+    value_clip: float = 0.5
     offload_reference: bool = False
     reference_bf16: bool = True
     logprob_micro_batch_tokens: int = 16384
