@@ -14,46 +14,51 @@ from actors.trajectory import Trajectory
 from learners import algorithms as A
 from learners.batch import LearnerSample
 
-SEQUENCE_ESTIMATORS = {
-    "grpo": lambda scores, groups: A.grpo_advantages(scores, groups),
-    "dr_grpo": lambda scores, groups: A.dr_grpo_advantages(scores, groups),
-    "rloo": lambda scores, groups: A.rloo_advantages(scores, groups),
-    "reinforce": lambda scores, groups: A.reinforce_advantages(scores),
-}
-TOKEN_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline")
-ALGORITHMS = tuple(SEQUENCE_ESTIMATORS) + TOKEN_ESTIMATORS
+ALGORITHMS = A.ALGORITHMS
 
 
-def token_advantages(trajectories: list[Trajectory], algorithm: str) -> list[list[float]]:
-    """Per response token advantages, zero on observation tokens."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {list(ALGORITHMS)}")
-    width = max(len(t.response_ids) for t in trajectories)
-    mask = torch.zeros(len(trajectories), width)
-    for i, t in enumerate(trajectories):
-        mask[i, : len(t.loss_mask)] = torch.tensor(t.loss_mask, dtype=torch.float32)
-    scores = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
-    groups = [t.group_id for t in trajectories]
-    if algorithm in SEQUENCE_ESTIMATORS:
-        advantages = A.broadcast_to_tokens(SEQUENCE_ESTIMATORS[algorithm](scores, groups), mask)
-    elif algorithm == "reinforce_pp":
-        advantages = A.reinforce_pp_advantages(A.place_sequence_reward(scores, mask), mask)
-    else:
-        advantages = A.reinforce_pp_baseline_advantages(scores, groups, mask)
-    return [advantages[i, : len(t.response_ids)].tolist() for i, t in enumerate(trajectories)]
+def _padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
-def learner_samples(trajectories: list[Trajectory], algorithm: str) -> list[LearnerSample]:
+def learner_samples(trajectories: list[Trajectory]) -> list[LearnerSample]:
     """Learner records carrying the rollout logprobs as the behaviour policy: with one PPO epoch on fresh weights the
-    ratio is then the engine-vs-learner mismatch, which the clip keeps bounded."""
+    ratio is then the engine-vs-learner mismatch (and, with ``train.max_staleness`` > 0, the lag), which the clip
+    keeps bounded. Advantages come later, from ``assign_advantages``, once values and reference logprobs exist."""
     samples = []
-    for t, adv in zip(trajectories, token_advantages(trajectories, algorithm)):
+    for t in trajectories:
         sample = LearnerSample(input_ids=t.prompt_ids + t.response_ids, prompt_len=len(t.prompt_ids),
-                               loss_mask=list(t.loss_mask), advantages=adv, old_logprobs=list(t.rollout_logprobs),
+                               loss_mask=list(t.loss_mask), old_logprobs=list(t.rollout_logprobs),
                                policy_version=t.policy_version)
         sample.validate()
         samples.append(sample)
     return samples
+
+
+def assign_advantages(samples: list[LearnerSample], trajectories: list[Trajectory], algorithm: str,
+                      kl_in_reward_coef: float = 0.0, gamma: float = 1.0, lam: float = 1.0) -> dict[str, float]:
+    """Fill each sample's ``advantages`` (and, for PPO, ``returns``) from the group's rewards. PPO reads the critic's
+    values from ``old_values``; a KL in the reward reads ``old_logprobs`` and ``ref_logprobs``. Returns metrics."""
+    width = max(s.response_len for s in samples)
+    mask = _padded([s.loss_mask for s in samples], width)
+    optional = {name: _padded([getattr(s, field) for s in samples], width) if getattr(samples[0], field) else None
+                for name, field in (("values", "old_values"), ("old_logp", "old_logprobs"),
+                                    ("ref_logp", "ref_logprobs"))}
+    result = A.compute_advantages(algorithm, torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
+                                  [t.group_id for t in trajectories], mask, kl_in_reward_coef=kl_in_reward_coef,
+                                  gamma=gamma, lam=lam, **optional)
+    for i, s in enumerate(samples):
+        s.advantages = result.advantages[i, : s.response_len].tolist()
+        if result.returns is not None:
+            s.returns = result.returns[i, : s.response_len].tolist()
+    metrics = {"critic/advantages/mean": A.masked_mean(result.advantages, mask).item(),
+               "critic/advantages/max": result.advantages[mask.bool()].max().item() if mask.any() else 0.0}
+    if kl_in_reward_coef:
+        metrics["critic/reward_kl"] = result.reward_kl
+    return metrics
 
 
 def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:

@@ -17,6 +17,7 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.batches_path = self.run_dir / "batches.jsonl"
         self.wandb = None
         if wandb_cfg.mode != "disabled":
             import wandb
@@ -27,11 +28,12 @@ class RunLogger:
                                     dir=str(self.run_dir), config=config, resume="allow" if resume else None,
                                     id=_stable_id(self.run_dir) if resume else None)
 
-    def log(self, step: int, metrics: dict[str, float], samples: list[dict[str, Any]] | None = None) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def log(self, step: int, metrics: dict[str, float], samples: list[dict[str, Any]] | None = None,
+            batch: dict[str, Any] | None = None) -> None:
+        """One step: its metrics row, and in ``batches.jsonl`` what it trained on (prompt ids, policy versions)."""
+        _append_line(self.metrics_path, {"step": step, **metrics})
+        if batch is not None:
+            _append_line(self.batches_path, {"step": step, **batch})
         if self.wandb is not None:
             payload: dict[str, Any] = dict(metrics)
             if samples:
@@ -41,10 +43,24 @@ class RunLogger:
                 payload["samples"] = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
             self.wandb.log(payload, step=step)
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the rows of steps after ``step`` (logged after the checkpoint a resumed run starts from), so that the
+        resumed run's rows continue the files without a repeat. Atomic: a crash leaves the old file or the new one.
+        Returns the number of metrics rows dropped."""
+        dropped = 0
+        for path in (self.metrics_path, self.batches_path):
+            rows = _read_lines(path)
+            kept = [r for r in rows if r["step"] <= step]
+            if len(kept) != len(rows):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, path)
+            if path == self.metrics_path:
+                dropped = len(rows) - len(kept)
+        return dropped
+
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return _read_lines(self.metrics_path)
 
     def plot(self) -> Path | None:
         rows = self.read_metrics()
@@ -74,6 +90,19 @@ class RunLogger:
         location = self.wandb.dir
         self.wandb.finish()
         return location
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _stable_id(run_dir: Path) -> str:

@@ -7,8 +7,9 @@ One RL step, as in the paper's algorithm box:
     1. sample B prompts; each is rolled out n times (a group)
     2. read the noise probability p from the curriculum
     3. roll out: vLLM policy engines run multi-turn search episodes against the (simulated) engine
-    4. advantages from the rewards (GRPO: group mean and std)
-    5. reference logprobs for the KL loss; one policy update on the learners (observation tokens masked)
+       (1-3 run in the background, up to ``train.max_staleness`` steps ahead: ``launch/pipeline.py``)
+    4. reference logprobs, critic values (PPO); advantages from the rewards (GRPO: group mean and std)
+    5. one policy update on the learners (observation tokens masked); the critic's update (PPO)
     6. publish the new weights; the engines load them in place; a canary checks they agree with the learner
     7. advance the curriculum; log; checkpoint every k steps
 """
@@ -41,7 +42,9 @@ class CanaryError(RuntimeError):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
-    run_dir = Path(dict_cfg.logger.run_dir)
+    from launch.resume import run_folder
+
+    run_dir = run_folder(dict_cfg.resume, Path(dict_cfg.logger.run_dir))
     cfg: Config = OmegaConf.to_object(dict_cfg)  # typed dataclasses from here on
     train(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
 
@@ -52,6 +55,8 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     from actors.dataset import load_qa
     from launch.assets import resolve_model
     from launch.paths import ensure_data
+    from launch.pipeline import RolloutQueue
+    from launch.resume import find_checkpoint
     from launch.run_logger import RunLogger
     from launch.sampler import PromptSampler
     from launch.warmup import warm_up
@@ -62,44 +67,56 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     sampler = PromptSampler(load_qa(files["train"]), seed=cfg.seed, shuffle=cfg.data.shuffle)
     curriculum = build_curriculum(cfg.curriculum)
     policy_path = resolve_model(cfg.model.name)
-    logger = RunLogger(run_dir, cfg.logger.wandb, cfg.logger.run_name, config_dict, resume=False)
+    checkpoint = find_checkpoint(run_dir, cfg.resume)
+    logger = RunLogger(run_dir, cfg.logger.wandb, cfg.logger.run_name, config_dict, resume=checkpoint is not None)
     print(f"run folder: {run_dir}", flush=True)
 
     init_ray(cfg)
     stop = _StopFlag()
-    progress = _Progress(cfg.train.total_steps)
-    cluster = None
+    cluster = rollouts = None
     try:
         # Cold start of small policies: SFT on protocol demonstrations (train.warmup=auto|on|off).
         policy_path, warmup = warm_up(cfg, policy_path, files["train"], files["corpus"], run_dir)
         if warmup:
             _atomic_write_json(run_dir / "warmup.json", warmup)
         cluster = Cluster(cfg, policy_path, str(files["corpus"]), run_dir)
-        for step in range(1, cfg.train.total_steps + 1):
+        first = 1
+        if checkpoint is not None:
+            first = cluster.restore(checkpoint, curriculum, sampler) + 1
+            dropped = logger.truncate_after(first - 1)
+            print(f"resumed from {checkpoint} (step {first - 1}; {dropped} later metrics rows dropped)", flush=True)
+        rollouts = RolloutQueue(cluster.rollout, sampler, curriculum, cfg.train.prompts_per_step,
+                                cfg.train.total_steps, cfg.train.max_staleness, cfg.train.rollout_timeout_s,
+                                cfg.train.dynamic_filter, cfg.train.dynamic_filter_rounds)
+        progress = _Progress(cfg.train.total_steps, first - 1)
+        step = first - 1
+        for step in range(first, cfg.train.total_steps + 1):
             t_step = time.perf_counter()
-            prompts = sampler.next(cfg.train.prompts_per_step)                          # 1
-            noise_prob = curriculum.noise_prob(step)                                     # 2
-            trajectories, t_gen = cluster.rollout(prompts, noise_prob, step)             # 3
-            samples = cluster.learner_batch(trajectories)                                # 4
+            rollouts.fill(step)                                                          # 1-3, K steps ahead
+            batch, t_wait = rollouts.take(step)                                          # 1-3
+            samples, score_metrics = cluster.score(batch.trajectories)                  # 4
             train_metrics, t_train = cluster.update(samples)                             # 5
+            t_idle = rollouts.wait_idle()  # weights change only between rollouts
             sync_metrics = cluster.sync_weights(version=step)                            # 6
-            metrics = _step_metrics(trajectories, train_metrics, sync_metrics, noise_prob, t_gen, t_train,
-                                    time.perf_counter() - t_step, cluster)
+            metrics = _step_metrics(batch, {**score_metrics, **train_metrics}, sync_metrics, t_train,
+                                    time.perf_counter() - t_step, t_wait, t_idle, cluster)
             curriculum.observe(metrics["critic/score/mean"])                            # 7
-            logger.log(step, metrics, _sample_rows(trajectories, cfg.logger.wandb.sample_table_rows))
+            logger.log(step, metrics, _sample_rows(batch.trajectories, cfg.logger.wandb.sample_table_rows),
+                       {"prompts": batch.prompt_uids, "noise_prob": batch.noise_prob,
+                        "policy_versions": sorted({t.policy_version for t in batch.trajectories})})
             progress.show(step, metrics)
             if stop.requested:
                 break
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.total_steps:
-                cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler, export_hf=False)     # 9
+                cluster.checkpoint(run_dir / "checkpoints", step, curriculum, batch.sampler_state, export_hf=False)
         progress.close()
-        final = cluster.checkpoint(run_dir / "checkpoints", step, curriculum, sampler,
-                                   export_hf=cfg.train.export_hf)
+        final = cluster.checkpoint(run_dir / "checkpoints", step, curriculum, batch.sampler_state,
+                                   export_hf=cfg.train.export_hf) if step >= first else checkpoint
         if stop.requested:
             print(f"interrupted after step {step}: checkpoint written, exiting", flush=True)
         probe = {}
-        if cfg.train.throughput_probe and not stop.requested:
-            probe = cluster.raw_throughput(trajectories, metrics["perf/tokens_per_s"])
+        if cfg.train.throughput_probe and not stop.requested and step >= first:
+            probe = cluster.raw_throughput(batch.trajectories, metrics["perf/tokens_per_s"])
         plot = logger.plot()
         wandb_dir = logger.finish()
         summary = {"run_dir": str(run_dir), "metrics": str(logger.metrics_path), "plot": str(plot),
@@ -109,6 +126,8 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
         print("\n".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
         return summary
     finally:
+        if rollouts is not None:
+            rollouts.close()
         if cluster is not None:
             cluster.close()
         ray.shutdown()
@@ -150,10 +169,19 @@ class Cluster:
             .remote(policy_path, engine_kwargs, search_factory, cfg.rollout, env)
             for _ in range(c.rollout_engines)
         ]
-        learner_cfg = cfg.learner
-        learner_cfg.total_steps = cfg.train.total_steps
-        self.learners = LearnerGroup(PolicyLearner, c.learners, policy_path, learner_cfg, num_cpus=1,
+        learner_cfg = dataclasses.replace(cfg.learner, total_steps=cfg.train.total_steps)
+        # A KL penalty in the reward replaces the KL loss term; the coefficient is the same key either way.
+        self.kl_in_reward = learner_cfg.kl_coef if kl_penalty(cfg) == "reward" else 0.0
+        policy_cfg = dataclasses.replace(learner_cfg, kl_coef=0.0) if self.kl_in_reward else learner_cfg
+        self.learners = LearnerGroup(PolicyLearner, c.learners, policy_path, policy_cfg, num_cpus=1,
                                      num_gpus=c.learner_gpus, timeout_s=timeout)
+        self.critic = None
+        if cfg.train.algorithm == "ppo":
+            from learners.critic import Critic
+
+            critic_cfg = dataclasses.replace(cfg.critic, total_steps=cfg.train.total_steps)
+            self.critic = LearnerGroup(Critic, c.critics, policy_path, critic_cfg, num_cpus=1,
+                                       num_gpus=c.critic_gpus, timeout_s=timeout)
         self.reference = None
         if learner_cfg.kl_coef > 0:
             self.reference = ReferenceLearner.options(num_cpus=0.5, num_gpus=0).remote(
@@ -183,8 +211,11 @@ class Cluster:
         ray.get([e.check_weights.remote(manifest, timeout) for e in self.engines], timeout=timeout + 30)
         return manifest
 
-    def rollout(self, prompts, noise_prob: float, step: int):
-        """Run every group; groups stream back as they finish. Every wait is bounded by the rollout timeout."""
+    def rollout(self, prompts, noise_prob: float, step: int, first_index: int = 0):
+        """Run every group; groups stream back as they finish. Every wait is bounded by the rollout timeout.
+
+        ``first_index`` numbers the prompts of a refill round after those of the step's earlier rounds, so that every
+        episode of a step has its own seed."""
         import ray
 
         from actors.rollout import EpisodeRequest
@@ -192,7 +223,7 @@ class Cluster:
         started = time.perf_counter()
         deadline = started + self.cfg.train.rollout_timeout_s
         requests = [EpisodeRequest(p.uid, p.question, p.golden_answers, p.data_source, seed=self.cfg.seed * 1_000_003
-                                   + step * 1000 + i) for i, p in enumerate(prompts)]
+                                   + step * 1000 + first_index + i) for i, p in enumerate(prompts)]
         streams = [engine.rollout.options(num_returns="streaming").remote(
                    requests[k::len(self.engines)], self.cfg.train.group_size, noise_prob)
                    for k, engine in enumerate(self.engines)]
@@ -208,22 +239,36 @@ class Cluster:
                 except StopIteration:
                     break
                 trajectories.extend(ray.get(ref, timeout=60))
-        return trajectories, time.perf_counter() - started
+        return trajectories
 
-    def learner_batch(self, trajectories):
-        from launch.batching import learner_samples
-
-        return learner_samples(trajectories, self.cfg.train.algorithm)
-
-    def update(self, samples):
+    def score(self, trajectories) -> tuple[list, dict[str, float]]:
+        """Learner samples with everything the update needs: reference logprobs, critic values, advantages."""
         import ray
 
-        started = time.perf_counter()
+        from launch.batching import assign_advantages, learner_samples
+
+        t = self.cfg.train
+        samples = learner_samples(trajectories)
         if self.reference is not None:
             ref = ray.get(self.reference.logprobs.remote(samples), timeout=self.cfg.cluster.actor_start_timeout_s)
             for sample, logprobs in zip(samples, ref):
                 sample.ref_logprobs = logprobs
+        if self.cfg.learner.tis_cap is not None:
+            # The PPO ratio is then taken against the learner's own current logprobs; the engine's are kept for the
+            # truncated importance weight.
+            for sample, logprobs in zip(samples, self.learners.logprobs(samples)):
+                sample.rollout_logprobs, sample.old_logprobs = sample.old_logprobs, logprobs
+        if self.critic is not None:
+            for sample, values in zip(samples, self.critic.values(samples)):
+                sample.old_values = values
+        metrics = assign_advantages(samples, trajectories, t.algorithm, self.kl_in_reward, t.gamma, t.lam)
+        return samples, metrics
+
+    def update(self, samples) -> tuple[dict[str, float], float]:
+        started = time.perf_counter()
         metrics = self.learners.train_step(samples)
+        if self.critic is not None:
+            metrics.update(self.critic.train_step(samples))
         return metrics, time.perf_counter() - started
 
     def sync_weights(self, version: int) -> dict[str, float]:
@@ -272,16 +317,35 @@ class Cluster:
     def close(self) -> None:
         shutil.rmtree(self.weights_dir, ignore_errors=True)
 
-    def checkpoint(self, root: Path, step: int, curriculum, sampler, export_hf: bool) -> Path:
-        """DeepSpeed states, the driver's state and (at the end) an HF export, under ``root/step_<k>``."""
+    def checkpoint(self, root: Path, step: int, curriculum, sampler_state: dict, export_hf: bool) -> Path:
+        """DeepSpeed states (policy, critic), the driver's state and (at the end) an HF export, under
+        ``root/step_<k>``. ``driver_state.json`` goes last: its presence marks the checkpoint complete."""
+        from launch.resume import DRIVER_STATE, rng_state
+
         folder = root / f"step_{step}"
         folder.mkdir(parents=True, exist_ok=True)
         self.learners.save_checkpoint(str(folder / "deepspeed"))
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(folder / "critic"))
         if export_hf:
             self.learners.export_hf(str(folder / "hf"))
-        state = {"step": step, "curriculum": curriculum.state_dict(), "sampler": sampler.state_dict()}
-        _atomic_write_json(folder / "driver_state.json", state)
+        state = {"step": step, "curriculum": curriculum.state_dict(), "sampler": sampler_state, "rng": rng_state()}
+        _atomic_write_json(folder / DRIVER_STATE, state)
         return folder
+
+    def restore(self, folder: Path, curriculum, sampler) -> int:
+        """Load a checkpoint written by ``checkpoint`` and put its weights on the engines; return its step."""
+        from launch.resume import read_driver_state, set_rng_state
+
+        state = read_driver_state(folder)
+        self.learners.load_checkpoint(str(folder / "deepspeed"))
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(folder / "critic"))
+        curriculum.load_state_dict(state["curriculum"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.sync_weights(version=state["step"])
+        return int(state["step"])
 
     def pool_stats(self) -> dict[str, Any]:
         import ray
@@ -291,23 +355,35 @@ class Cluster:
         return ray.get(self.pool.stats.remote(), timeout=30)
 
 
-def _step_metrics(trajectories, train_metrics, sync_metrics, noise_prob, t_gen, t_train, t_step,
+def _step_metrics(batch, train_metrics, sync_metrics, t_train, t_step, t_wait, t_idle,
                   cluster: Cluster) -> dict[str, float]:
     from launch.batching import rollout_metrics
 
+    trajectories = batch.trajectories
     metrics = rollout_metrics(trajectories)
     metrics.update({k: float(v) for k, v in train_metrics.items()})
     metrics.update(sync_metrics)
     generated = sum(t.stats.generated_tokens for t in trajectories)
-    t_sim = statistics.fmean(t.stats.search_s for t in trajectories)
+    # The learners' weights before this step's update are version step − 1: that is the on-policy version.
+    staleness = [batch.step - 1 - t.policy_version for t in trajectories]
     metrics.update({
-        "search/noise_prob": noise_prob,
-        "timing_s/gen": t_gen,
-        "timing_s/sim_per_episode": t_sim,
+        "search/noise_prob": batch.noise_prob,
+        "async/staleness_mean": statistics.fmean(staleness),
+        "async/staleness_max": float(max(staleness)),
+        "async/policy_version_min": float(min(t.policy_version for t in trajectories)),
+        "data/groups_rolled": float(batch.groups_rolled),
+        "data/filter_pass_rate": batch.pass_rate,
+        "data/rollout_rounds": float(batch.rounds),
+        "timing_s/gen": batch.gen_s,
+        "timing_s/wait_rollout": t_wait,
+        "timing_s/wait_idle": t_idle,
+        "timing_s/sim_per_episode": statistics.fmean(t.stats.search_s for t in trajectories),
         "timing_s/train": t_train,
         "timing_s/step": t_step,
-        "timing_s/other": max(0.0, t_step - t_gen - t_train - sync_metrics["timing_s/sync"]),
-        "perf/tokens_per_s": generated / max(t_gen, 1e-9),
+        "timing_s/other": max(0.0, t_step - t_wait - t_train - t_idle - sync_metrics["timing_s/sync"]),
+        "perf/tokens_per_s": generated / max(batch.gen_s, 1e-9),
+        # 1.0 when rollout and training overlap perfectly (async); about 1 + faster/slower when they alternate.
+        "perf/step_vs_slowest": t_step / max(batch.gen_s, t_train, 1e-9),
     })
     for key, value in cluster.pool_stats().items():
         if isinstance(value, (int, float)):
@@ -325,11 +401,12 @@ class _Progress:
     """A progress bar (step, reward, noise probability, searches) on a terminal, and one full line per step always,
     so that logs of batch jobs carry every step too."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, done: int = 0) -> None:
         from tqdm import tqdm
 
         self.total = total
-        self.bar = tqdm(total=total, desc="RL steps", unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
+        self.bar = tqdm(total=total, initial=done, desc="RL steps", unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
 
     def show(self, step: int, m: dict[str, float]) -> None:
         self.bar.set_postfix(reward=f"{m['critic/score/mean']:.3f}", noise=f"{m['search/noise_prob']:.3f}",
@@ -353,8 +430,17 @@ def _check(cfg: Config) -> None:
         raise ValueError(f"train.algorithm={cfg.train.algorithm!r}; expected one of {list(ALGORITHMS)}")
     if cfg.cluster.weight_sync not in ("file", "nccl", "gloo"):
         raise ValueError(f"cluster.weight_sync={cfg.cluster.weight_sync!r}; expected file, nccl or gloo")
-    if cfg.train.max_staleness != 0:
-        raise ValueError("train.max_staleness > 0 (asynchronous training) is not built yet; use 0")
+    if cfg.train.max_staleness < 0:
+        raise ValueError(f"train.max_staleness={cfg.train.max_staleness}; expected 0 (on-policy) or more")
+    if cfg.train.kl_penalty not in ("auto", "loss", "reward"):
+        raise ValueError(f"train.kl_penalty={cfg.train.kl_penalty!r}; expected auto, loss or reward")
+    from learners.algorithms import TOKEN_REWARD_ALGORITHMS
+
+    if kl_penalty(cfg) == "reward" and cfg.train.algorithm not in TOKEN_REWARD_ALGORITHMS:
+        raise ValueError(f"train.kl_penalty=reward needs per-token rewards: train.algorithm must be one of "
+                         f"{list(TOKEN_REWARD_ALGORITHMS)}, got {cfg.train.algorithm!r}")
+    if cfg.resume not in ("off", "auto") and not Path(cfg.resume).is_dir():
+        raise ValueError(f"resume={cfg.resume!r}: expected off, auto, or an existing run folder")
     from actors.reward import METRICS, PROBE_REWARDS
 
     rewards, metric = [*METRICS, *PROBE_REWARDS], cfg.rollout.episode.reward_metric
@@ -364,6 +450,13 @@ def _check(cfg: Config) -> None:
         raise ValueError(f"train.group_size={cfg.train.group_size}: {cfg.train.algorithm} needs groups of 2 or more")
 
 
+def kl_penalty(cfg: Config) -> str:
+    """``loss`` or ``reward``: where the KL to the reference goes (``auto``: in the reward for PPO, as the paper)."""
+    if cfg.train.kl_penalty == "auto":
+        return "reward" if cfg.train.algorithm == "ppo" else "loss"
+    return cfg.train.kl_penalty
+
+
 def init_ray(cfg: Config) -> None:
     import ray
 
@@ -371,7 +464,8 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.cluster.address, log_to_driver=False)
         return
     # Logical CPUs: one per engine, learner and simulator server even on a 2-core machine; they share the cores.
-    needed = cfg.cluster.rollout_engines + cfg.cluster.learners + cfg.cluster.simulator_servers + 1
+    critics = cfg.cluster.critics if cfg.train.algorithm == "ppo" else 0
+    needed = cfg.cluster.rollout_engines + cfg.cluster.learners + critics + cfg.cluster.simulator_servers + 1
     num_cpus = cfg.cluster.num_cpus or max(needed, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

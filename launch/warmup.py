@@ -151,7 +151,8 @@ def warm_up(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path,
         out = warmed_dir(policy_path, cache_key(cfg, policy_path, [train_file, corpus_file]))
     else:
         out = Path(run_dir) / "warmed_policy"
-    if cfg.warmup.cache and (out / SUMMARY_FILE).is_file():
+    # A cached policy, or the one this run folder's earlier session built (a resumed run keeps its starting point).
+    if (out / SUMMARY_FILE).is_file():
         summary = json.loads((out / SUMMARY_FILE).read_text())
         print(f"warm-up: reusing {out} (SFT loss {summary['sft_loss_first']:.3f} -> {summary['sft_loss_last']:.3f})",
               flush=True)

@@ -27,7 +27,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ALGORITHMS",
     "KL_KINDS",
+    "Advantages",
+    "compute_advantages",
     "PolicyLossStats",
     "broadcast_to_tokens",
     "combine_policy_loss",
@@ -466,6 +469,76 @@ def combine_policy_loss(
     if ent_tok is not None and entropy_coef != 0:
         total = total - entropy_coef * ent_tok
     return total
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Choosing an estimator: train.algorithm
+# ----------------------------------------------------------------------------------------------------------------------
+
+ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline", "ppo")
+# Estimators that see per-token rewards, so a KL penalty can be folded into the reward.
+TOKEN_REWARD_ALGORITHMS = ("reinforce_pp", "ppo")
+
+
+@dataclass
+class Advantages:
+    """What an estimator hands the learners: ``[B, T]`` advantages (0 off the mask) and, for PPO, critic targets."""
+
+    advantages: Tensor
+    returns: Tensor | None = None
+    reward_kl: float = 0.0  # mean KL_t(π_old ‖ π_ref) over model tokens, when it was folded into the reward
+
+
+def compute_advantages(
+    algorithm: str,
+    scores: Tensor,
+    group_ids: GroupIds,
+    loss_mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    kl_in_reward_coef: float = 0.0,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> Advantages:
+    """The advantages of ``train.algorithm`` from [B] sequence scores, ``[B, T]`` masks and, as needed, values and
+    logprobs:
+
+        grpo, dr_grpo, rloo, reinforce        sequence advantage broadcast to the model tokens
+        reinforce_pp                          whitened return-to-go of the token rewards
+        reinforce_pp_baseline                 whitened (R − group mean)
+        ppo                                   whitened GAE(γ, λ) over the critic's ``values``; returns = A + V
+
+    ``kl_in_reward_coef`` β > 0 subtracts β · (log π_old − log π_ref) from every model token's reward first (PPO's
+    KL-in-reward, k1 as in the paper); only the token-reward estimators can take it.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    if kl_in_reward_coef and algorithm not in TOKEN_REWARD_ALGORITHMS:
+        raise ValueError(f"{algorithm} has no per-token rewards to put a KL penalty in; "
+                         f"use the KL loss, or one of {', '.join(TOKEN_REWARD_ALGORITHMS)}")
+    sequence = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+    if algorithm in sequence:
+        return Advantages(broadcast_to_tokens(sequence[algorithm](scores, group_ids), loss_mask))
+    if algorithm == "reinforce":
+        return Advantages(broadcast_to_tokens(reinforce_advantages(scores), loss_mask))
+    if algorithm == "reinforce_pp_baseline":
+        return Advantages(reinforce_pp_baseline_advantages(scores, group_ids, loss_mask))
+
+    rewards = place_sequence_reward(_float_scores(scores), loss_mask)
+    reward_kl = 0.0
+    if kl_in_reward_coef:
+        if old_logp is None or ref_logp is None:
+            raise ValueError("a KL penalty in the reward needs old_logp and ref_logp")
+        rewards = kl_penalized_rewards(rewards, old_logp, ref_logp, loss_mask, kl_in_reward_coef, kind="k1")
+        reward_kl = masked_mean(kl_estimate(old_logp, ref_logp, "k1"), loss_mask).item()
+    if algorithm == "reinforce_pp":
+        return Advantages(reinforce_pp_advantages(rewards, loss_mask, gamma), reward_kl=reward_kl)
+    if values is None:
+        raise ValueError("ppo needs the critic's values")
+    advantages, returns = gae_advantages(rewards, values, loss_mask, gamma, lam)
+    return Advantages(masked_whiten(advantages, loss_mask), returns, reward_kl)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ class LearnerSample:
     loss_mask: list[int]  # 1 where the policy sampled the token, 0 on observations and padding
     advantages: list[float] = field(default_factory=list)  # per response token; empty for SFT
     old_logprobs: list[float] = field(default_factory=list)  # behaviour policy's logprobs (rollout or recomputed)
+    rollout_logprobs: list[float] = field(default_factory=list)  # the engine's, when old_logprobs were recomputed (TIS)
     ref_logprobs: list[float] = field(default_factory=list)  # reference model's logprobs, for the KL loss
     returns: list[float] = field(default_factory=list)  # PPO critic targets
     old_values: list[float] = field(default_factory=list)  # PPO critic values at rollout time
@@ -32,7 +33,8 @@ class LearnerSample:
         n = self.response_len
         if n <= 0:
             raise ValueError(f"sample has no response tokens (prompt_len={self.prompt_len}, len={len(self.input_ids)})")
-        for name in ("loss_mask", "advantages", "old_logprobs", "ref_logprobs", "returns", "old_values"):
+        for name in ("loss_mask", "advantages", "old_logprobs", "rollout_logprobs", "ref_logprobs", "returns",
+                     "old_values"):
             values = getattr(self, name)
             if values and len(values) != n:
                 raise ValueError(f"{name} has {len(values)} entries for {n} response tokens")

@@ -68,6 +68,10 @@ class MicroBatch:
     has_old: Tensor  # [B, 1] bool: the sample carries old_logprobs
     ref_logprobs: Tensor
     has_ref: Tensor  # [B, 1] bool
+    rollout_logprobs: Tensor
+    has_rollout: Tensor  # [B, 1] bool: old_logprobs were recomputed and the engine's are kept apart (TIS)
+    returns: Tensor  # PPO critic targets
+    old_values: Tensor  # the critic's values when GAE ran
     response_lens: list[int]
 
 
@@ -111,6 +115,10 @@ def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0
         has_old=torch.tensor([[bool(s.old_logprobs)] for s in samples], device=dev),
         ref_logprobs=_padded([s.ref_logprobs for s in samples], r_width, torch.float32, dev),
         has_ref=torch.tensor([[bool(s.ref_logprobs)] for s in samples], device=dev),
+        rollout_logprobs=_padded([s.rollout_logprobs for s in samples], r_width, torch.float32, dev),
+        has_rollout=torch.tensor([[bool(s.rollout_logprobs)] for s in samples], device=dev),
+        returns=_padded([s.returns for s in samples], r_width, torch.float32, dev),
+        old_values=_padded([s.old_values for s in samples], r_width, torch.float32, dev),
         response_lens=resp,
     )
 
@@ -232,7 +240,7 @@ class DeepSpeedCore:
 
     def __init__(self, model_path: str | os.PathLike, cfg: LearnerConfig) -> None:
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         cfg.validate()
         self.cfg = cfg
@@ -243,8 +251,7 @@ class DeepSpeedCore:
         self.model_path = str(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        # fp32 weights in: DeepSpeed keeps them as the master copy and casts the module to bf16 when bf16 is on.
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model = self.build_model(self.model_path)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -256,6 +263,13 @@ class DeepSpeedCore:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, warmup)),
         )
         self.global_step = 0
+
+    def build_model(self, model_path: str) -> torch.nn.Module:
+        """The trained module. fp32 weights in: DeepSpeed keeps them as the master copy and casts the module to bf16
+        when bf16 is on."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
     # -- forward passes -------------------------------------------------------------------------------------------
 
@@ -275,7 +289,8 @@ class DeepSpeedCore:
         """Backward every micro-batch with an exact global token mean, then ONE optimizer step.
 
         ``loss_fn(mb, n_global)`` returns the micro-batch's share of the token-mean loss and a dict of metric SUMS
-        over its masked tokens. Returns those sums all-reduced over ranks, the global masked-token count, the plan.
+        over its masked tokens (keys ending in ``_max`` are maxima instead). Returns those all-reduced over ranks
+        (sum, or max), the global masked-token count, the plan.
         """
         if not samples:
             raise ValueError("train_step needs at least one sample on every data-parallel rank")
@@ -300,14 +315,16 @@ class DeepSpeedCore:
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             if real:
                 for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
+                    combine = max if key.endswith("_max") else (lambda a, b: a + b)
+                    sums[key] = combine(sums[key], float(value)) if key in sums else float(value)
         self.engine.step()
         self.global_step += 1
-        keys = sorted(sums)
         if D.world_size() > 1:
-            reduced = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-            torch.distributed.all_reduce(reduced)
-            sums = dict(zip(keys, reduced.tolist()))
+            for op, keys in ((torch.distributed.ReduceOp.SUM, [k for k in sorted(sums) if not k.endswith("_max")]),
+                             (torch.distributed.ReduceOp.MAX, [k for k in sorted(sums) if k.endswith("_max")])):
+                reduced = torch.tensor([sums[k] for k in keys] or [0.0], dtype=torch.float64)
+                torch.distributed.all_reduce(reduced, op=op)
+                sums.update(zip(keys, reduced.tolist()))
         return sums, n_global, plan
 
     def current_lr(self) -> float:
@@ -416,7 +433,8 @@ class DeepSpeedCore:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         D.barrier()
-        self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state={"global_step": self.global_step})
+        client_state = {"global_step": self.global_step, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state=client_state)
         D.barrier()
         if D.rank() == 0:
             replace_dir(tmp, directory)
@@ -430,4 +448,7 @@ class DeepSpeedCore:
                                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {directory}")
-        self.global_step = int((client_state or {}).get("global_step", 0))
+        client_state = client_state or {}
+        self.global_step = int(client_state.get("global_step", 0))
+        if "torch_rng" in client_state:
+            torch.set_rng_state(client_state["torch_rng"])

@@ -55,8 +55,17 @@ class LearnerGroup:
         return results[0]
 
     def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
+        return self._per_token("logprobs", samples)
+
+    def values(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
+        """The critic's V_t per response token (a group of ``Critic`` actors)."""
+        return self._per_token("values", samples)
+
+    def _per_token(self, method: str, samples: Sequence[LearnerSample]) -> list[list[float]]:
+        """Shard the samples over the ranks, call ``method`` on each, and put the rows back in input order."""
         shards = self._shards(samples)
-        parts = self._get([a.logprobs.remote([samples[i] for i in idx]) for a, idx in zip(self.actors, shards)])
+        parts = self._get([getattr(a, method).remote([samples[i] for i in idx])
+                           for a, idx in zip(self.actors, shards)])
         out: list[list[float]] = [[] for _ in samples]
         for idx, part in zip(shards, parts):
             for i, row in zip(idx, part):

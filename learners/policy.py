@@ -21,6 +21,7 @@ from learners.algorithms import (
     masked_sum,
     policy_gradient_loss,
     token_mean_loss,
+    truncated_importance_weights,
 )
 from learners.batch import LearnerSample
 from learners.config import LearnerConfig
@@ -39,6 +40,13 @@ class PolicyTrainer(DeepSpeedCore):
         old = torch.where(mb.has_old & mask, mb.old_logprobs, logp.detach())
         pg_tok, stats = policy_gradient_loss(logp, old, mb.advantages, cfg.clip_eps, cfg.clip_eps_high,
                                              cfg.dual_clip, loss_mask=mask)
+        tis = torch.ones_like(pg_tok)
+        if cfg.tis_cap is not None:
+            # old_logprobs were recomputed by the learner; the engine's sampling distribution differs from it (stale
+            # weights, sampler numerics), and w = min(π_old/π_rollout, C) corrects for that.
+            tis = torch.where(mb.has_rollout & mask, truncated_importance_weights(old, mb.rollout_logprobs,
+                                                                                  cfg.tis_cap), tis)
+            pg_tok = pg_tok * tis
         ref = torch.where(mb.has_ref & mask, mb.ref_logprobs, logp.detach())
         kl_tok = kl_estimate(logp, ref, cfg.kl_kind)
         if cfg.entropy_coef != 0:
@@ -56,6 +64,9 @@ class PolicyTrainer(DeepSpeedCore):
                 "entropy": masked_sum(ent_tok, mask).item(),
                 "clip_frac": stats.clip_frac * n_local,
                 "approx_kl": stats.approx_kl * n_local,
+                "ratio_mean": stats.ratio_mean * n_local,
+                "ratio_max": stats.ratio_max,
+                "tis_weight": masked_sum(tis, mask).item(),
             }
         return loss, sums
 
@@ -74,7 +85,7 @@ class PolicyTrainer(DeepSpeedCore):
         for _ in range(self.cfg.ppo_epochs):
             lr = self.current_lr()
             sums, n_global, plan = self._accumulate(samples, self._policy_loss)
-            metrics = {f"actor/{k}": v / n_global for k, v in sums.items()}
+            metrics = {f"actor/{k}": v if k.endswith("_max") else v / n_global for k, v in sums.items()}
             metrics.update({
                 "actor/grad_norm": self.grad_norm(),
                 "actor/lr": lr,

@@ -1,0 +1,126 @@
+"""Rollouts ahead of training: the steps' episode batches, collected in the background with bounded staleness.
+
+``train.max_staleness = K``. Step k trains on the batch of step k while the batches of steps k+1 … k+K are rolled out.
+The engines' weights only change between rollouts (``wait_idle`` before every sync), so each episode is sampled from
+one policy version and, since a batch can start at most K syncs before it is trained on, lags at most K versions.
+K = 0 is the strictly on-policy loop: collect, train, sync, in turn.
+
+One collection runs at a time (a one-thread executor), in step order, so prompts are drawn from the sampler in the same
+order as in the on-policy loop, and each batch keeps the sampler's state right after its own draw: that, not the
+sampler's live state (already past the prefetched steps), is what a checkpoint of that step must save.
+
+Dynamic filtering (``train.dynamic_filter``) happens here too: a group whose rewards are all equal has zero GRPO
+advantage and teaches nothing, so it is dropped and replaced by groups of fresh prompts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StepBatch:
+    """One step's episodes and what the driver logs and checkpoints about them."""
+
+    step: int
+    trajectories: list
+    noise_prob: float
+    prompt_uids: list[str]
+    sampler_state: dict[str, Any]
+    gen_s: float  # wall time of this batch's rollouts (all rounds)
+    groups_rolled: int = 0
+    groups_kept: int = 0
+    rounds: int = 1
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pass_rate(self) -> float:
+        return self.groups_kept / max(self.groups_rolled, 1)
+
+
+def informative_groups(trajectories: list) -> tuple[list, int, int]:
+    """The trajectories of groups whose rewards are not all equal; also how many groups there were and were kept."""
+    groups: dict[str, list] = defaultdict(list)
+    for t in trajectories:
+        groups[t.group_id].append(t)
+    kept = [g for g in groups.values() if len({t.reward for t in g}) > 1]
+    return [t for g in kept for t in g], len(groups), len(kept)
+
+
+class RolloutQueue:
+    """The batches of the next steps, each collected by ``rollout(prompts, noise_prob, step, first_index)``."""
+
+    def __init__(self, rollout: Callable, sampler, curriculum, prompts_per_step: int, total_steps: int,
+                 max_staleness: int, timeout_s: float, dynamic_filter: bool = False, filter_rounds: int = 0) -> None:
+        self.rollout = rollout
+        self.sampler = sampler
+        self.curriculum = curriculum
+        self.prompts_per_step = prompts_per_step
+        self.total_steps = total_steps
+        self.max_staleness = max_staleness
+        self.timeout_s = timeout_s
+        self.dynamic_filter = dynamic_filter
+        self.filter_rounds = filter_rounds
+        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+
+    def fill(self, step: int) -> None:
+        """Start the rollouts of steps ``step`` … ``step + K`` that are not under way yet."""
+        for j in range(step, min(step + self.max_staleness, self.total_steps) + 1):
+            if j not in self.pending:
+                self.pending[j] = self.executor.submit(self._collect, j)
+
+    def take(self, step: int) -> tuple[StepBatch, float]:
+        """Step ``step``'s batch, and how long the driver waited for it."""
+        started = time.perf_counter()
+        batch = self.pending.pop(step).result(timeout=self._limit())
+        return batch, time.perf_counter() - started
+
+    def wait_idle(self) -> float:
+        """Block until no rollout is running (the engines can take new weights); return the wait."""
+        started = time.perf_counter()
+        for future in list(self.pending.values()):
+            future.exception(timeout=self._limit())  # finished, one way or the other; errors surface in take()
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _limit(self) -> float:
+        # Each collection is bounded by the rollout timeout per round; this only guards against a lost thread.
+        return self.timeout_s * (1 + self.filter_rounds) * (1 + self.max_staleness) + 60
+
+    def _collect(self, step: int) -> StepBatch:
+        started = time.perf_counter()
+        noise_prob = self.curriculum.noise_prob(step)
+        prompts = self.sampler.next(self.prompts_per_step)
+        trajectories = self.rollout(prompts, noise_prob, step, 0)
+        batch = StepBatch(step, trajectories, noise_prob, [p.uid for p in prompts], {}, 0.0)
+        if self.dynamic_filter:
+            kept, rolled, n_kept = informative_groups(trajectories)
+            first_index = len(prompts)
+            while n_kept < self.prompts_per_step and batch.rounds <= self.filter_rounds:
+                more = self.sampler.next(self.prompts_per_step - n_kept)
+                fresh, fresh_rolled, fresh_kept = informative_groups(self.rollout(more, noise_prob, step,
+                                                                                  first_index))
+                first_index += len(more)
+                kept, rolled, n_kept = kept + fresh, rolled + fresh_rolled, n_kept + fresh_kept
+                batch.prompt_uids += [p.uid for p in more]
+                batch.rounds += 1
+            batch.groups_rolled, batch.groups_kept = rolled, n_kept
+            # Nothing informative at all: train on the whole batch (its advantages are 0; the KL and entropy terms
+            # still act) rather than skip the step and stall the curriculum and the schedule.
+            batch.trajectories = kept if kept else trajectories
+        else:
+            batch.groups_rolled = batch.groups_kept = len({t.group_id for t in trajectories})
+        batch.sampler_state = copy.deepcopy(self.sampler.state_dict())
+        batch.gen_s = time.perf_counter() - started
+        return batch

@@ -1,0 +1,120 @@
+"""The PPO critic: a value head on the policy's transformer, trained on GAE returns with a clipped value loss.
+
+``CriticTrainer`` is the testable core (no Ray); ``Critic`` is the thin Ray actor around it, one per data-parallel
+rank, started with ``LearnerGroup`` like the policy learners.
+
+V_t is read at the position that predicts response token t, i.e. the value of the state in which token t is chosen.
+Observation tokens get values too (the forward runs over them) but nothing uses them: GAE skips them and the loss
+masks them (``algorithms.gae_advantages``, ``loss_mask``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ray
+import torch
+from torch import Tensor, nn
+
+from learners.algorithms import masked_sum, token_mean_loss, value_loss
+from learners.batch import LearnerSample
+from learners.engine import DeepSpeedCore, MicroBatch, collate
+from learners.micro_batching import pack_by_token_budget
+from learners.policy import LearnerActorShell
+
+
+class ValueModel(nn.Module):
+    """The policy's backbone (no LM head) and a linear head to one scalar per position.
+
+    The head starts at zero, so the first values are 0 and the first GAE advantages are the plain returns: a random
+    head would add noise of the order of the hidden states' scale to every advantage of the first steps.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.value_head(hidden).squeeze(-1)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+
+def response_values(model: nn.Module, mb: MicroBatch) -> Tensor:
+    """fp32 values ``[B, R]``: V at the position that predicts each response token."""
+    values = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
+    return values.gather(1, mb.positions).float()
+
+
+class CriticTrainer(DeepSpeedCore):
+    """The critic's update. Every sample needs ``returns`` and ``old_values`` (the values GAE used)."""
+
+    def build_model(self, model_path: str) -> nn.Module:
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(model_path, dtype=torch.float32)
+        return ValueModel(backbone, backbone.config.hidden_size)
+
+    @torch.no_grad()
+    def values(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
+        """Per response token V_t under the current weights."""
+        if not samples:
+            return []
+        self.engine.eval()
+        try:
+            plan = pack_by_token_budget([len(s.input_ids) for s in samples], self.cfg.logprob_micro_batch_tokens)
+            out: list[list[float]] = [[] for _ in samples]
+            for idx in plan.batches:
+                mb = collate([samples[j] for j in idx], self.device, self.pad_id)
+                values = response_values(self.engine, mb).cpu()
+                for row, j in enumerate(idx):
+                    out[j] = values[row, : mb.response_lens[row]].tolist()
+            return out
+        finally:
+            self.engine.train()
+
+    def _value_loss(self, mb: MicroBatch, n_global: float) -> tuple[Tensor, dict[str, float]]:
+        mask = mb.loss_mask
+        values = response_values(self.engine, mb)
+        loss_tok = value_loss(values, mb.old_values, mb.returns, self.cfg.value_clip)
+        with torch.no_grad():
+            clipped = (values - mb.old_values).abs() > self.cfg.value_clip
+            sums = {
+                "value_loss": masked_sum(loss_tok, mask).item(),
+                "values_mean": masked_sum(values, mask).item(),
+                "returns_mean": masked_sum(mb.returns, mask).item(),
+                "value_clip_frac": masked_sum(clipped.float(), mask).item(),
+            }
+        return token_mean_loss(loss_tok, mask, n_global), sums
+
+    def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
+        for s in samples:
+            if len(s.returns) != s.response_len or len(s.old_values) != s.response_len:
+                raise ValueError(f"a critic sample needs returns and old_values for each of its {s.response_len} "
+                                 f"response tokens, got {len(s.returns)} and {len(s.old_values)}")
+        metrics: dict[str, float] = {}
+        for _ in range(self.cfg.ppo_epochs):
+            lr = self.current_lr()
+            sums, n_global, _ = self._accumulate(samples, self._value_loss)
+            metrics = {f"critic/{k}": v / n_global for k, v in sums.items()}
+            metrics.update({"critic/grad_norm": self.grad_norm(), "critic/lr": lr})
+        return metrics
+
+
+class CriticActor(LearnerActorShell):
+    core_cls = CriticTrainer
+
+    def values(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
+        return self.core.values(samples)
+
+
+Critic = ray.remote(CriticActor)
