@@ -147,6 +147,7 @@ class Cluster:
         from simulator.simulated import build_search_engine
 
         self.cfg = cfg
+        self.closing = False
         c = cfg.cluster
         timeout = c.actor_start_timeout_s
         self.weights_dir = _weights_dir(run_dir)
@@ -230,7 +231,12 @@ class Cluster:
         trajectories = []
         for stream in streams:
             while True:
-                ready, _ = ray.wait([stream], timeout=max(0.0, deadline - time.perf_counter()))
+                # Short waits, so that a background rollout notices the run closing instead of holding up the exit.
+                ready, _ = ray.wait([stream], timeout=min(5.0, max(0.0, deadline - time.perf_counter())))
+                if self.closing:
+                    raise RuntimeError(f"rollout of step {step} abandoned: the run is closing")
+                if not ready and time.perf_counter() < deadline:
+                    continue
                 if not ready:
                     raise TimeoutError(f"rollout of step {step} did not finish within "
                                        f"train.rollout_timeout_s={self.cfg.train.rollout_timeout_s}")
@@ -315,6 +321,7 @@ class Cluster:
                 "perf/rollout_vs_raw": rollout_tokens_per_s / raw}
 
     def close(self) -> None:
+        self.closing = True
         shutil.rmtree(self.weights_dir, ignore_errors=True)
 
     def checkpoint(self, root: Path, step: int, curriculum, sampler_state: dict, export_hf: bool) -> Path:
@@ -446,6 +453,8 @@ def _check(cfg: Config) -> None:
     rewards, metric = [*METRICS, *PROBE_REWARDS], cfg.rollout.episode.reward_metric
     if metric not in rewards:
         raise ValueError(f"rollout.episode.reward_metric={metric!r}; expected one of {rewards}")
+    if cfg.train.group_size < 2 and cfg.train.dynamic_filter:
+        raise ValueError("train.dynamic_filter=true needs train.group_size >= 2: a group of one never varies")
     if cfg.train.group_size < 2 and cfg.train.algorithm in ("grpo", "dr_grpo", "rloo"):
         raise ValueError(f"train.group_size={cfg.train.group_size}: {cfg.train.algorithm} needs groups of 2 or more")
 
