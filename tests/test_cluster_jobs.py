@@ -106,9 +106,10 @@ class LocalCluster:
         return (Path(self.temp_dir) / "ray_start.log").read_text()[-3000:]
 
     def stop(self) -> None:
+        """``ray start --block`` stops its cluster on SIGTERM (in seconds); whatever outlives it is killed."""
         marker = self.marker.encode()
-        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            for pid in [self.proc.pid, *_processes_with(marker)]:
+        for pids, sig, grace in (([self.proc.pid], signal.SIGTERM, 30.0), (None, signal.SIGKILL, 5.0)):
+            for pid in pids or [self.proc.pid, *_processes_with(marker)]:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
