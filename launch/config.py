@@ -118,6 +118,8 @@ class ClusterConfig:
             them straight from GPU memory to every engine worker (GPU clusters). ``gloo``: the same broadcast over
             gloo, for CPU engines.
         weight_sync_bucket_mb: bytes per broadcast collective, in MiB (``nccl``/``gloo``).
+        reference_gpus: GPU share of the frozen reference model (0 on CPU). A fraction lets it share the learner's
+            GPU (with ``learner.offload_reference`` it only holds GPU memory while it computes).
         critics: data-parallel DeepSpeed critic actors (``train.algorithm=ppo`` only).
         critic_gpus: GPUs per critic actor (0 on CPU).
     """
@@ -137,6 +139,7 @@ class ClusterConfig:
     actor_start_timeout_s: float = 600.0
     weight_sync: str = "file"
     weight_sync_bucket_mb: int = 256
+    reference_gpus: float = 0
     critics: int = 1
     critic_gpus: float = 0
 

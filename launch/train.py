@@ -185,7 +185,7 @@ class Cluster:
                                        num_gpus=c.critic_gpus, timeout_s=timeout)
         self.reference = None
         if learner_cfg.kl_coef > 0:
-            self.reference = ReferenceLearner.options(num_cpus=0.5, num_gpus=0).remote(
+            self.reference = ReferenceLearner.options(num_cpus=0.5, num_gpus=c.reference_gpus).remote(
                 policy_path, bf16=learner_cfg.reference_bf16, offload=learner_cfg.offload_reference,
                 micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads)
         ray.get([e.ready.remote() for e in self.engines], timeout=timeout)

@@ -60,7 +60,10 @@ def assert_paper_run(cfg: dict) -> None:
     assert cfg["search"]["engine"] == "simulated" and cfg["search"]["top_k"] == 5
     assert cfg["simulator"]["temperature"] == 0.8 and cfg["simulator"]["top_k_docs"] == 5
     assert cfg["cluster"]["address"] == "auto" and cfg["cluster"]["weight_sync"] == "nccl"
-    assert cfg["cluster"]["rollout_gpus"] >= 1 and cfg["cluster"]["learner_gpus"] >= 1
+    assert cfg["cluster"]["rollout_gpus"] >= 1 and cfg["cluster"]["learner_gpus"] > 0
+    # The reference shares the learner's GPU, holding memory only while it computes.
+    assert cfg["cluster"]["learner_gpus"] + cfg["cluster"]["reference_gpus"] == 1
+    assert cfg["learner"]["offload_reference"]
     assert cfg["cluster"]["simulator_gpus"] >= 1  # the simulator on GPUs of its own
     assert cfg["data"]["name"] == "zerosearch" and not cfg["data"]["generate_synthetic"]
 
@@ -112,7 +115,7 @@ def test_algorithms_set_what_differs_between_them():
 
 def _gpus(cluster: dict, ppo: bool) -> float:
     total = (cluster["rollout_engines"] * cluster["rollout_gpus"] + cluster["learners"] * cluster["learner_gpus"]
-             + cluster["simulator_servers"] * cluster["simulator_gpus"])
+             + cluster["reference_gpus"] + cluster["simulator_servers"] * cluster["simulator_gpus"])
     return total + (cluster["critics"] * cluster["critic_gpus"] if ppo else 0)
 
 
