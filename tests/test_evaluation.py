@@ -1,0 +1,84 @@
+"""Evaluation metrics on hand-made predictions, and benchmark files by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actors.evaluation import EvalRecord, dataset_metrics, flat_rows, markdown_table, summarize
+from launch.benchmarks import BenchmarkNotFound, benchmark_examples
+from tests.conftest import REPO_ROOT
+
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "data"
+
+
+def _record(dataset, prediction, golds, **kw):
+    return EvalRecord(dataset, f"{dataset}-{prediction}", "q?", tuple(golds), prediction, **kw)
+
+
+def test_metrics_by_hand():
+    records = [
+        # exact after normalisation (case, article, punctuation): EM 1, SubEM 1, F1 1
+        _record("nq", "The Herman Melville.", ["Herman Melville"], searches=1, generated_tokens=30, turns=2),
+        # gold inside a longer answer: EM 0, SubEM 1, F1 = 2·(2/4·2/2)/(2/4+2/2) = 2/3
+        _record("nq", "novelist herman melville wrote", ["Herman Melville"], searches=2, generated_tokens=50, turns=3,
+                invalid_actions=1),
+        # no <answer> at all: 0 everywhere
+        _record("nq", None, ["Canberra"], searches=0, generated_tokens=100, turns=4, invalid_actions=3),
+        # partial overlap: "river seine" vs gold "Seine": EM 0, SubEM 1, F1 = 2·(1/2·1)/(1/2+1) = 2/3
+        _record("hotpotqa", "river seine", ["the Seine", "Sena"], searches=1, generated_tokens=20, turns=2),
+    ]
+    nq = dataset_metrics(records[:3])
+    assert nq["em"] == pytest.approx(100 / 3)
+    assert nq["subem"] == pytest.approx(200 / 3)
+    assert nq["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    assert nq["searches"] == pytest.approx(1.0) and nq["tokens"] == pytest.approx(60.0)
+    assert nq["invalid_rate"] == pytest.approx(4 / 9)  # 4 invalid of 9 turns
+    table = summarize(records)
+    assert list(table) == ["nq", "hotpotqa", "avg"]  # the paper's order, then the average
+    assert table["hotpotqa"]["subem"] == 100.0 and table["hotpotqa"]["em"] == 0.0
+    assert table["avg"]["subem"] == pytest.approx((200 / 3 + 100) / 2)  # unweighted over datasets, as the paper
+    assert table["avg"]["n"] == 4
+
+
+def test_markdown_table_and_flat_rows():
+    results = {"direct": summarize([_record("nq", "x", ["y"]), _record("bamboogle", "y", ["y"])]),
+               "agent": summarize([_record("nq", "y", ["y"]), _record("bamboogle", "y", ["y"])])}
+    lines = markdown_table(results).splitlines()
+    assert lines[0] == "| subem | nq | bamboogle | **Avg** |"
+    assert lines[2] == "| direct | 0.00 | 100.00 | **50.00** |"
+    assert lines[3] == "| agent | 100.00 | 100.00 | **100.00** |"
+    rows = flat_rows(results)
+    assert len(rows) == 6 and {r["method"] for r in rows} == {"direct", "agent"}
+    assert json.dumps(rows)  # plain numbers and strings: CSV, JSON and W&B take them as they are
+
+
+def test_benchmarks_by_name_follow_the_split_rule_and_the_parquet(tmp_path):
+    nq = benchmark_examples(FIXTURES, "nq")
+    assert len(nq) == 3 and nq[0].question == "who wrote the novel moby dick" and nq[0].data_source == "nq"
+    assert len(benchmark_examples(FIXTURES, "nq", limit=2)) == 2
+    # hotpotqa has no folder: its rows come from the ZeroSearch test.parquet
+    (tmp_path / "test.parquet").write_bytes((FIXTURES / "zerosearch_test.parquet").read_bytes())
+    hotpot = benchmark_examples(tmp_path, "hotpotqa")
+    assert len(hotpot) == 2 and {e.data_source for e in hotpot} == {"hotpotqa"}
+    # dev is used when there is no test split
+    (tmp_path / "musique").mkdir()
+    (tmp_path / "musique" / "dev.jsonl").write_text(json.dumps({"id": "d0", "question": "q", "golden_answers": ["a"]}))
+    assert [e.question for e in benchmark_examples(tmp_path, "musique")] == ["q"]
+
+
+def test_missing_benchmark_names_every_file_it_tried(tmp_path):
+    with pytest.raises(BenchmarkNotFound) as error:
+        benchmark_examples(tmp_path, "popqa")
+    message = str(error.value)
+    assert "popqa" in message
+    for tried in ("popqa/test.jsonl", "popqa/dev.jsonl", "popqa/train.jsonl", "popqa.jsonl", "test.parquet"):
+        assert tried in message
+    with pytest.raises(ValueError, match="unknown benchmark 'nqq'"):
+        benchmark_examples(tmp_path, "nqq")
+
+
+def test_synthetic_test_split_reports_under_one_name(synthetic_world):
+    examples = benchmark_examples(synthetic_world["test"].parent, "synthetic", limit=50)
+    assert len(examples) == 50 and {e.data_source for e in examples} == {"synthetic"}
