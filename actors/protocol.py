@@ -53,12 +53,38 @@ _ACTION_PATTERN = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 ActionKind = Literal["search", "answer", "invalid"]
 
 
+# Baselines of the evaluation harness (the paper's Direct and RAG rows). The paper does not publish their prompts; these
+# keep the policy template's answer format so that one extraction rule scores every method.
+DIRECT_TEMPLATE = (
+    "Answer the given question. Provide the answer inside <answer> and </answer>, without detailed illustrations. "
+    "For example, <answer> Beijing </answer>. Question: {question}\n"
+)
+RAG_TEMPLATE = (
+    "Answer the given question using the documents below. Provide the answer inside <answer> and </answer>, without "
+    "detailed illustrations. For example, <answer> Beijing </answer>.\n\nDocuments:\n{documents}\n\n"
+    "Question: {question}\n"
+)
+
+
+def _as_question(question: str) -> str:
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"
+
+
+def baseline_prompt_token_ids(question: str, tokenizer: Any, documents: str | None = None,
+                              max_prompt_tokens: int | None = None) -> list[int]:
+    """The Direct prompt, or the RAG prompt when ``documents`` are given, as token ids (chat template applied)."""
+    if documents is None:
+        content = DIRECT_TEMPLATE.format(question=_as_question(question))
+    else:
+        content = RAG_TEMPLATE.format(question=_as_question(question), documents=documents.strip())
+    ids = _encode(tokenizer, render_prompt([{"role": "user", "content": content}], tokenizer))
+    return ids[-max_prompt_tokens:] if max_prompt_tokens else ids
+
+
 def make_prefix(question: str) -> str:
     """The policy prompt for one question: stripped, ending in "?", placed in ``POLICY_TEMPLATE``."""
-    question = question.strip()
-    if not question.endswith("?"):
-        question += "?"
-    return POLICY_TEMPLATE.format(question=question)
+    return POLICY_TEMPLATE.format(question=_as_question(question))
 
 
 def build_prompt_messages(question: str) -> list[dict[str, str]]:

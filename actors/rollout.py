@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.episode import EpisodeConfig, Generation, run_episode
-from actors.protocol import STOP_STRINGS, prompt_token_ids
+from actors.protocol import STOP_STRINGS, baseline_prompt_token_ids, parse_action, prompt_token_ids
 from actors.trajectory import Trajectory
 
 
@@ -126,6 +126,25 @@ class PolicyEngine:
         trajectory.check()
         return trajectory
 
+    async def answer_once(self, request: EpisodeRequest, retrieve: bool, top_k: int) -> dict[str, Any]:
+        """The Direct (``retrieve=False``) or RAG baseline: one greedy generation, after one search for the question
+        itself when ``retrieve``. Returns the fields of an evaluation record."""
+        from actors.reward import extract_answer
+        from simulator.base import SearchContext
+
+        documents = None
+        if retrieve:
+            ctx = SearchContext(question=request.question, golden_answers=request.golden_answers, top_k=top_k,
+                                seed=request.seed)
+            documents = (await self.search_engine.search(request.question, ctx)).text
+        prompt = baseline_prompt_token_ids(request.question, self.tokenizer, documents, self.cfg.max_prompt_tokens)
+        generation = await asyncio.wait_for(self.generate(prompt, self.cfg.episode.max_tokens_per_turn,
+                                                          temperature=0.0), timeout=self.cfg.generate_timeout_s)
+        text = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+        return {"prediction": extract_answer(text), "response": text, "searches": int(retrieve),
+                "generated_tokens": len(generation.token_ids), "turns": 1,
+                "invalid_actions": int(parse_action(text).kind != "answer")}
+
     async def load_weights(self, path: str, version: int, timeout_s: float) -> float:
         started = time.perf_counter()
         await asyncio.wait_for(self.llm.collective_rpc("load_policy_weights", args=(path,)), timeout=timeout_s)
@@ -211,6 +230,10 @@ class RolloutActor:
 
         for finished in asyncio.as_completed([run_group(r) for r in requests]):
             yield await finished
+
+    async def answer(self, requests: list[EpisodeRequest], retrieve: bool, top_k: int) -> list[dict[str, Any]]:
+        """The Direct or RAG baseline on every request, concurrently (vLLM batches them)."""
+        return list(await asyncio.gather(*(self.core.answer_once(r, retrieve, top_k) for r in requests)))
 
     async def load_weights(self, path: str, version: int, timeout_s: float = 120.0) -> float:
         return await self.core.load_weights(path, version, timeout_s)

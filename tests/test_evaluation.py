@@ -82,3 +82,29 @@ def test_missing_benchmark_names_every_file_it_tried(tmp_path):
 def test_synthetic_test_split_reports_under_one_name(synthetic_world):
     examples = benchmark_examples(synthetic_world["test"].parent, "synthetic", limit=50)
     assert len(examples) == 50 and {e.data_source for e in examples} == {"synthetic"}
+
+
+@pytest.mark.slow
+def test_harness_runs_direct_rag_and_agent_on_the_synthetic_test_split(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "launch.evaluate", "model=tiny-llama", "data=synthetic", "engine=bm25", "limit=3",
+           "max_tokens_per_turn=16", "max_model_len=2048", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "| subem | synthetic | **Avg** |" in result.stdout
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"direct", "rag", "agent"}
+    assert results["direct"]["synthetic"]["searches"] == 0.0  # no engine call
+    assert results["rag"]["synthetic"]["searches"] == 1.0  # exactly one retrieval per question
+    for method in results.values():
+        assert method["synthetic"]["n"] == 3.0 and 0.0 < method["synthetic"]["tokens"] <= 16 * 3
+        assert 0.0 <= method["synthetic"]["subem"] <= 100.0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 9 and len({(r["method"], r["uid"]) for r in records}) == 9
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6  # (direct, rag, agent) x (synthetic, avg)
+    assert (out / "results.md").read_text().count("| agent |") == 6  # one row per metric table

@@ -1,0 +1,235 @@
+"""Evaluate a policy on QA benchmarks with a real (or simulated) search engine, next to the paper's baselines.
+
+    python -m launch.evaluate model=smollm2-135m-instruct data=synthetic engine=bm25
+    python -m launch.evaluate model=runs/2026-01-01/12-00-00 data=/data/flashrag limit=500 engine=http
+    python -m launch.evaluate model=Qwen/Qwen2.5-3B data=/data/zerosearch benchmarks=[nq,hotpotqa] methods=[agent]
+
+Methods, all greedy, on the same questions and engine:
+    direct   the question alone, answer in <answer> (the paper's Direct row)
+    rag      the top-k documents for the question in the prompt, then answer (RAG)
+    agent    the search protocol the policy is trained on, up to ``max_turns`` searches (ZeroSearch)
+
+``model`` is an asset name, an HF folder or hub id, or a training run folder (its newest HF export is used).
+``data=synthetic`` evaluates on the synthetic world's test split; a folder is searched for the benchmarks by name
+(``launch/benchmarks.py``). The tables go to the output folder as ``results.md``, ``results.csv`` and
+``results.json``, every answer to ``records.jsonl``, and to W&B when ``wandb`` is not ``disabled``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+METHODS = ("direct", "rag", "agent")
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation run.
+
+    Attributes:
+        model: asset name, HF folder, hub id, or a training run folder (its newest ``checkpoints/step_*/hf``).
+        data: ``synthetic`` (the synthetic world's test split, generated when missing) or a data folder.
+        benchmarks: names to evaluate (``nq`` … ``bamboogle``, ``synthetic``); empty: every benchmark found in
+            ``data`` (a missing one is reported and skipped), or ``synthetic`` for ``data=synthetic``.
+        methods: any of ``direct``, ``rag``, ``agent``.
+        engine: ``bm25``, ``dense``, ``http``, ``serpapi`` or ``simulated`` (see ``conf/search``).
+        corpus: the corpus ``bm25``/``dense`` search; empty: ``corpus.jsonl`` in the data folder.
+        url: the ``http`` retriever's endpoint.
+        top_k: documents per search (and in the RAG prompt).
+        max_turns: searches the agent may make (the paper: 2).
+        max_tokens_per_turn: generated tokens per turn (the paper: 500).
+        max_obs_tokens: tokens of one ``<information>`` block.
+        limit: questions per benchmark, the first ones in file order (the paper: 500).
+        engines: vLLM policy engines (Ray actors) the questions are spread over.
+        gpus_per_engine: GPUs per engine (0 on CPU).
+        max_model_len, dtype: vLLM settings.
+        out_dir: where the results go; defaults to Hydra's run folder.
+        wandb: ``disabled``, ``offline`` or ``online``: a W&B run with the results table.
+        timeout_s: bound on each method's whole pass over one benchmark.
+        seed: seeds the engines (greedy decoding does not sample; simulated searches do).
+    """
+
+    model: str = "smollm2-135m-instruct"
+    data: str = "synthetic"
+    benchmarks: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    engine: str = "bm25"
+    corpus: str = ""
+    url: str = "http://127.0.0.1:6002/retrieve"
+    top_k: int = 3
+    max_turns: int = 2
+    max_tokens_per_turn: int = 256
+    max_obs_tokens: int = 512
+    limit: int = 500
+    engines: int = 1
+    gpus_per_engine: float = 0
+    max_model_len: int = 4096
+    dtype: str = "bfloat16"
+    out_dir: str = "${hydra:runtime.output_dir}"
+    wandb: str = "disabled"
+    timeout_s: float = 3600.0
+    seed: int = 0
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvalConfig)
+
+
+def resolve_policy(model: str) -> str:
+    """A training run folder's newest HF export, or whatever ``launch.assets.resolve_model`` makes of the name."""
+    from launch.assets import resolve_model
+    from launch.paths import resolve
+
+    run = resolve(model)
+    if (run / "checkpoints").is_dir():
+        exports = sorted((int(p.parent.name.split("_")[1]), p) for p in (run / "checkpoints").glob("step_*/hf"))
+        if not exports:
+            raise FileNotFoundError(f"{run}: a run folder without an HF export (checkpoints/step_*/hf); train with "
+                                    f"train.export_hf=true")
+        return str(exports[-1][1])
+    return resolve_model(model)
+
+
+def _benchmarks(cfg: EvalConfig) -> tuple[Path, dict[str, list], Path]:
+    """The data folder, the questions of each benchmark to run, and the corpus."""
+    from actors.evaluation import BENCHMARKS
+    from launch.benchmarks import SYNTHETIC, BenchmarkNotFound, benchmark_examples
+    from launch.paths import ensure_data, resolve
+
+    if cfg.data == SYNTHETIC:
+        from launch.config import DataConfig
+
+        data_dir = ensure_data(DataConfig())["test"].parent
+        names = cfg.benchmarks or [SYNTHETIC]
+    else:
+        data_dir = resolve(cfg.data)
+        names = cfg.benchmarks or list(BENCHMARKS)
+    found = {}
+    for name in names:
+        try:
+            found[name] = benchmark_examples(data_dir, name, cfg.limit)
+        except BenchmarkNotFound as missing:
+            if cfg.benchmarks:  # asked for by name: an error
+                raise
+            print(f"skipped: {missing}", flush=True)
+    if not found:
+        raise FileNotFoundError(f"no benchmark found under {data_dir}")
+    corpus = resolve(cfg.corpus) if cfg.corpus else data_dir / "corpus.jsonl"
+    return data_dir, found, corpus
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    import ray
+
+    from actors.episode import EpisodeConfig
+    from actors.evaluation import EvalRecord, flat_rows, markdown_table, summarize
+    from actors.reward import extract_answer
+    from actors.rollout import EpisodeRequest, RolloutActor, RolloutConfig
+    from simulator.config import SearchConfig, SimulatorConfig
+    from simulator.simulated import build_search_engine
+
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods={unknown}: expected any of {list(METHODS)}")
+    policy = resolve_policy(cfg.model)
+    _, benchmarks, corpus = _benchmarks(cfg)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+             num_cpus=max(2, cfg.engines + 1))
+    try:
+        search = SearchConfig(engine=cfg.engine, top_k=cfg.top_k, url=cfg.url)
+        pool = None
+        if cfg.engine == "simulated":
+            from simulator.pool import create_simulator_pool
+
+            pool = create_simulator_pool(SimulatorConfig())
+        import functools
+
+        factory = functools.partial(build_search_engine, search, SimulatorConfig(), pool,
+                                    str(corpus) if corpus.is_file() else None)
+        rollout_cfg = RolloutConfig(temperature=0.0, episode=EpisodeConfig(
+            max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn, max_obs_tokens=cfg.max_obs_tokens))
+        engine_kwargs = dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len, enforce_eager=True,
+                             gpu_memory_utilization=0.3 if not cfg.gpus_per_engine else 0.85, seed=cfg.seed)
+        actors = [ray.remote(RolloutActor).options(num_cpus=1, num_gpus=cfg.gpus_per_engine, max_concurrency=10_000)
+                  .remote(policy, engine_kwargs, factory, rollout_cfg) for _ in range(cfg.engines)]
+        ray.get([a.ready.remote() for a in actors], timeout=cfg.timeout_s)
+
+        records: dict[str, list[EvalRecord]] = {m: [] for m in cfg.methods}
+        timings: dict[str, float] = {}
+        for name, examples in benchmarks.items():
+            requests = [EpisodeRequest(e.uid, e.question, e.golden_answers, name, seed=cfg.seed * 1_000_003 + i)
+                        for i, e in enumerate(examples)]
+            shards = [requests[k::len(actors)] for k in range(len(actors))]
+            for method in cfg.methods:
+                started = time.perf_counter()
+                if method == "agent":
+                    refs = [a.rollout.options(num_returns="streaming").remote(s, 1, 0.0, 0.0)
+                            for a, s in zip(actors, shards) if s]
+                    trajectories = [t for stream in refs for ref in stream for t in ray.get(ref, timeout=cfg.timeout_s)]
+                    by_uid = {t.group_id: t for t in trajectories}
+                    rows = [_agent_row(by_uid[r.group_id], extract_answer) for r in requests]
+                else:
+                    parts = ray.get([a.answer.remote(s, method == "rag", cfg.top_k) for a, s in zip(actors, shards)
+                                     if s], timeout=cfg.timeout_s)
+                    by_uid = {r.group_id: row for shard, part in zip(shards, parts) for r, row in zip(shard, part)}
+                    rows = [by_uid[r.group_id] for r in requests]
+                timings[f"{method}/{name}"] = time.perf_counter() - started
+                records[method] += [EvalRecord(name, e.uid, e.question, e.golden_answers, **row)
+                                    for e, row in zip(examples, rows)]
+                print(f"{method:>6} {name}: {len(rows)} questions in {timings[f'{method}/{name}']:.1f}s", flush=True)
+    finally:
+        ray.shutdown()
+
+    results = {method: summarize(recs) for method, recs in records.items()}
+    tables = "\n\n".join(markdown_table(results, metric) for metric in ("subem", "em", "f1", "searches", "tokens",
+                                                                          "invalid_rate"))
+    header = (f"model `{cfg.model}`, engine `{cfg.engine}` (top {cfg.top_k}), greedy, max_turns {cfg.max_turns}, "
+              f"up to {cfg.limit} questions per benchmark\n\n")
+    (out / "results.md").write_text(header + tables + "\n")
+    (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "results": results, "timings_s": timings},
+                                                 indent=2))
+    rows = flat_rows(results)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "records.jsonl", "w") as f:
+        for method, recs in records.items():
+            for r in recs:
+                f.write(json.dumps({"method": method, **asdict(r)}) + "\n")
+    if cfg.wandb != "disabled":
+        import wandb
+
+        run = wandb.init(project="zerosearch-ray-eval", mode=cfg.wandb, dir=str(out), config=asdict(cfg))
+        run.log({"results": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+        run.finish()
+    print(header + tables, flush=True)
+    return results
+
+
+def _agent_row(trajectory, extract_answer) -> dict[str, Any]:
+    stats = trajectory.stats
+    return {"prediction": extract_answer(trajectory.response_text), "response": trajectory.response_text,
+            "searches": stats.searches, "generated_tokens": stats.generated_tokens, "turns": max(stats.turns, 1),
+            "invalid_actions": stats.invalid_actions}
+
+
+# Its own folder: the training config's groups (model/, data/) would claim `model=` and `data=` here.
+@hydra.main(version_base="1.3", config_path="../conf/eval", config_name="evaluate")
+def main(dict_cfg: DictConfig) -> None:
+    evaluate(OmegaConf.to_object(dict_cfg))
+
+
+if __name__ == "__main__":
+    main()
