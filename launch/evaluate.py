@@ -158,11 +158,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         factory = functools.partial(build_search_engine, search, SimulatorConfig(), pool,
                                     str(corpus) if corpus.is_file() else None)
         rollout_cfg = RolloutConfig(temperature=0.0, episode=EpisodeConfig(
-            max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn, max_obs_tokens=cfg.max_obs_tokens))
+            max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn, max_obs_tokens=cfg.max_obs_tokens,
+            top_k=cfg.top_k))
         engine_kwargs = dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len, enforce_eager=True,
                              gpu_memory_utilization=0.3 if not cfg.gpus_per_engine else 0.85, seed=cfg.seed)
         actors = [ray.remote(RolloutActor).options(num_cpus=1, num_gpus=cfg.gpus_per_engine, max_concurrency=10_000)
-                  .remote(policy, engine_kwargs, factory, rollout_cfg) for _ in range(cfg.engines)]
+                  .remote(policy, engine_kwargs, factory, rollout_cfg, {"VLLM_CPU_KVCACHE_SPACE": "1"})
+                  for _ in range(cfg.engines)]
         ray.get([a.ready.remote() for a in actors], timeout=cfg.timeout_s)
 
         records: dict[str, list[EvalRecord]] = {m: [] for m in cfg.methods}
