@@ -104,7 +104,9 @@ class PolicyEngine:
         logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
         return Generation(ids, logprobs, "length" if completion.finish_reason == "length" else "stop")
 
-    async def run(self, request: EpisodeRequest, noise_prob: float, temperature: float | None = None) -> Trajectory:
+    async def run(self, request: EpisodeRequest, noise_prob: float, temperature: float | None = None,
+                  search_engine: Any = None) -> Trajectory:
+        """One episode; ``search_engine`` replaces the training engine (validation against a real one)."""
         prompt_ids = self.prompt_ids(request.question)
         turn = {"n": 0}
 
@@ -116,7 +118,8 @@ class PolicyEngine:
 
         version = self.policy_version
         result = await run_episode(prompt_ids, request.question, request.golden_answers, generate,
-                                   self.search_engine, self.tokenizer, self.cfg.episode, noise_prob, request.seed)
+                                   search_engine or self.search_engine, self.tokenizer, self.cfg.episode, noise_prob,
+                                   request.seed)
         trajectory = Trajectory(
             uid=uuid.uuid4().hex, group_id=request.group_id, prompt_ids=prompt_ids,
             response_ids=result.response_ids, loss_mask=result.loss_mask, rollout_logprobs=result.logprobs,
@@ -213,18 +216,25 @@ class RolloutActor:
     """Thin Ray shell over ``PolicyEngine``. Created with ``ray.remote(RolloutActor).options(...)`` by the driver."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], search_factory: Any, cfg: RolloutConfig,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, validation_search_factory: Any = None) -> None:
         os.environ.update(env or {})
         self.core = PolicyEngine(model, engine_kwargs, search_factory(), cfg)
+        # A second, real engine for validation next to the simulator (``train.val_every``).
+        self.validation_search = validation_search_factory() if validation_search_factory else None
 
     async def ready(self) -> bool:
         return True
 
     async def rollout(self, requests: list[EpisodeRequest], group_size: int, noise_prob: float,
-                      temperature: float | None = None):
-        """Run ``group_size`` episodes per request; yield each group's trajectories as soon as the group is done."""
+                      temperature: float | None = None, validation_engine: bool = False):
+        """Run ``group_size`` episodes per request; yield each group's trajectories as soon as the group is done.
+        ``validation_engine`` searches the real validation engine instead of the training one."""
+        if validation_engine and self.validation_search is None:
+            raise ValueError("this rollout actor was started without a validation search engine")
+        engine = self.validation_search if validation_engine else None
+
         async def run_group(request: EpisodeRequest) -> list[Trajectory]:
-            episodes = [self.core.run(_with_seed(request, request.seed * 100 + k), noise_prob, temperature)
+            episodes = [self.core.run(_with_seed(request, request.seed * 100 + k), noise_prob, temperature, engine)
                         for k in range(group_size)]
             return list(await asyncio.gather(*episodes))
 

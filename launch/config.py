@@ -166,6 +166,12 @@ class TrainConfig:
         dynamic_filter: drop groups whose rewards are all equal (no GRPO signal) and refill the batch with new
             prompts, up to ``dynamic_filter_rounds`` extra rollouts per step.
         dynamic_filter_rounds: extra rollout rounds a step may spend refilling; the step trains on what it has then.
+        val_every: every this many steps (0: never), answer the first ``val_samples`` validation questions greedily
+            twice, searching the training engine (the simulator, useful documents only) and the real engine
+            ``val_engine``, and log both side by side under ``val/<engine>/``: the gap between simulation and reality
+            as training goes on.
+        val_samples: validation questions per evaluation.
+        val_engine: the real engine of validation (``bm25``, ``dense``, ``http``, ``serpapi``; see ``conf/search``).
         save_every: checkpoint every this many steps (and at the end); 0 only at the end.
         rollout_timeout_s: one step's rollout; a stalled engine fails the step instead of hanging the run.
         sync_timeout_s: one weight sync.
@@ -188,6 +194,9 @@ class TrainConfig:
     kl_penalty: str = "auto"
     dynamic_filter: bool = False
     dynamic_filter_rounds: int = 2
+    val_every: int = 0
+    val_samples: int = 32
+    val_engine: str = "bm25"
     save_every: int = 0
     rollout_timeout_s: float = 1800.0
     sync_timeout_s: float = 300.0

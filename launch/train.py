@@ -65,6 +65,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     _check(cfg)
     files = ensure_data(cfg.data)
     sampler = PromptSampler(load_qa(files["train"]), seed=cfg.seed, shuffle=cfg.data.shuffle)
+    val_examples = load_qa(files["val"])[: cfg.train.val_samples] if cfg.train.val_every else []
     curriculum = build_curriculum(cfg.curriculum)
     policy_path = resolve_model(cfg.model.name)
     checkpoint = find_checkpoint(run_dir, cfg.resume)
@@ -100,6 +101,9 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
             sync_metrics = cluster.sync_weights(version=step)                            # 6
             metrics = _step_metrics(batch, {**score_metrics, **train_metrics}, sync_metrics, t_train,
                                     time.perf_counter() - t_step, t_wait, t_idle, cluster)
+            if cfg.train.val_every and step % cfg.train.val_every == 0:
+                rollouts.wait_idle()
+                metrics.update(cluster.validate(val_examples))
             curriculum.observe(metrics["critic/score/mean"])                            # 7
             logger.log(step, metrics, _sample_rows(batch.trajectories, cfg.logger.wandb.sample_table_rows),
                        {"prompts": batch.prompt_uids, "noise_prob": batch.noise_prob,
@@ -165,9 +169,13 @@ class Cluster:
                              gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
                              tensor_parallel_size=c.rollout_tensor_parallel)
         env = {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb)))}
+        validation_factory = None
+        if cfg.train.val_every and cfg.train.val_engine != cfg.search.engine:
+            real = dataclasses.replace(cfg.search, engine=cfg.train.val_engine)
+            validation_factory = functools.partial(build_search_engine, real, sim_cfg, None, corpus_path)
         self.engines = [
             ray.remote(RolloutActor).options(num_cpus=1, num_gpus=c.rollout_gpus, max_concurrency=10_000)
-            .remote(policy_path, engine_kwargs, search_factory, cfg.rollout, env)
+            .remote(policy_path, engine_kwargs, search_factory, cfg.rollout, env, validation_factory)
             for _ in range(c.rollout_engines)
         ]
         learner_cfg = dataclasses.replace(cfg.learner, total_steps=cfg.train.total_steps)
@@ -212,7 +220,31 @@ class Cluster:
         ray.get([e.check_weights.remote(manifest, timeout) for e in self.engines], timeout=timeout + 30)
         return manifest
 
-    def rollout(self, prompts, noise_prob: float, step: int, first_index: int = 0):
+    def validate(self, examples) -> dict[str, float]:
+        """Greedy answers to ``examples`` with the training engine (noise 0: the simulator's useful documents) and
+        with the real validation engine; their metrics side by side, and the gap."""
+        from actors.evaluation import EvalRecord, dataset_metrics
+        from actors.reward import extract_answer
+
+        passes = [(self.cfg.search.engine, False)]
+        if self.cfg.train.val_engine != self.cfg.search.engine:
+            passes.append((self.cfg.train.val_engine, True))
+        metrics: dict[str, float] = {}
+        for name, real in passes:
+            trajectories = self.rollout(examples, 0.0, step=0, temperature=0.0, validation_engine=real)
+            records = [EvalRecord("val", t.group_id, "", t.golden_answers, extract_answer(t.response_text),
+                                  t.stats.searches, t.stats.generated_tokens, max(t.stats.turns, 1),
+                                  t.stats.invalid_actions) for t in trajectories]
+            for key, value in dataset_metrics(records).items():
+                if key != "n":
+                    metrics[f"val/{name}/{key}"] = value
+        if len(passes) == 2:
+            (sim, _), (real_name, _) = passes
+            metrics["val/gap_subem"] = metrics[f"val/{sim}/subem"] - metrics[f"val/{real_name}/subem"]
+        return metrics
+
+    def rollout(self, prompts, noise_prob: float, step: int, first_index: int = 0, temperature: float | None = None,
+                validation_engine: bool = False):
         """Run every group; groups stream back as they finish. Every wait is bounded by the rollout timeout.
 
         ``first_index`` numbers the prompts of a refill round after those of the step's earlier rounds, so that every
@@ -225,8 +257,9 @@ class Cluster:
         deadline = started + self.cfg.train.rollout_timeout_s
         requests = [EpisodeRequest(p.uid, p.question, p.golden_answers, p.data_source, seed=self.cfg.seed * 1_000_003
                                    + step * 1000 + first_index + i) for i, p in enumerate(prompts)]
+        group_size = 1 if validation_engine or temperature == 0.0 else self.cfg.train.group_size
         streams = [engine.rollout.options(num_returns="streaming").remote(
-                   requests[k::len(self.engines)], self.cfg.train.group_size, noise_prob)
+                   requests[k::len(self.engines)], group_size, noise_prob, temperature, validation_engine)
                    for k, engine in enumerate(self.engines)]
         trajectories = []
         for stream in streams:

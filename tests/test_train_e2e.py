@@ -99,8 +99,14 @@ def _train(tmp_path, *overrides: str, timeout: int = 1200) -> tuple[subprocess.C
 @pytest.mark.slow
 def test_training_steps_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    result, rows = _train(tmp_path, *TINY_RUN, *TINY_WARMUP)
+    result, rows = _train(tmp_path, *TINY_RUN, *TINY_WARMUP, "train.val_every=2", "train.val_samples=4")
     assert [r["step"] for r in rows] == [1, 2]
+    # Validation at step 2 only, against the simulator and against real BM25, side by side.
+    assert not any(k.startswith("val/") for k in rows[0])
+    for engine in ("simulated", "bm25"):
+        assert rows[1][f"val/{engine}/searches"] >= 1.0  # the guided first turn searches
+        assert 0.0 <= rows[1][f"val/{engine}/subem"] <= 100.0 and rows[1][f"val/{engine}/tokens"] > 0
+    assert rows[1]["val/gap_subem"] == rows[1]["val/simulated/subem"] - rows[1]["val/bm25/subem"]
     for row in rows:
         assert all(math.isfinite(row[k]) for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"))
         assert row["search/calls_per_episode"] >= 1.0
