@@ -91,8 +91,10 @@ def test_harness_runs_direct_rag_and_agent_on_the_synthetic_test_split(tmp_path)
     import sys
 
     out = tmp_path / "eval"
+    # Two engines: the questions are split 2 + 1 between them and must come back in order, each to its own record.
     cmd = [sys.executable, "-m", "launch.evaluate", "model=tiny-llama", "data=synthetic", "engine=bm25", "limit=3",
-           "max_tokens_per_turn=16", "max_model_len=2048", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+           "engines=2", "max_tokens_per_turn=16", "max_model_len=2048", "wandb=offline", f"out_dir={out}",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "| subem | synthetic | **Avg** |" in result.stdout
@@ -105,6 +107,10 @@ def test_harness_runs_direct_rag_and_agent_on_the_synthetic_test_split(tmp_path)
         assert 0.0 <= method["synthetic"]["subem"] <= 100.0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 9 and len({(r["method"], r["uid"]) for r in records}) == 9
+    questions = [e.question for e in benchmark_examples(REPO_ROOT / "data" / "synthetic", "synthetic", limit=3)]
+    for method in ("direct", "rag", "agent"):
+        assert [r["question"] for r in records if r["method"] == method] == questions
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 6  # (direct, rag, agent) x (synthetic, avg)
     assert (out / "results.md").read_text().count("| agent |") == 6  # one row per metric table
+    assert list((out / "wandb").glob("offline-run-*"))  # the W&B run with the results table
