@@ -32,36 +32,23 @@ METHODS = ("direct", "rag", "agent")
 
 
 @dataclass
-class EvalConfig:
-    """An evaluation run.
+class AgentConfig:
+    """The policy and the engine it searches: what evaluation and inference share.
 
     Attributes:
         model: asset name, HF folder, hub id, or a training run folder (its newest ``checkpoints/step_*/hf``).
-        data: ``synthetic`` (the synthetic world's test split, generated when missing) or a data folder.
-        benchmarks: names to evaluate (``nq`` … ``bamboogle``, ``synthetic``); empty: every benchmark found in
-            ``data`` (a missing one is reported and skipped), or ``synthetic`` for ``data=synthetic``.
-        methods: any of ``direct``, ``rag``, ``agent``.
         engine: ``bm25``, ``dense``, ``http``, ``serpapi`` or ``simulated`` (see ``conf/search``).
-        corpus: the corpus ``bm25``/``dense`` search; empty: ``corpus.jsonl`` in the data folder.
+        corpus: the corpus ``bm25``/``dense`` search; empty: ``corpus.jsonl`` of the data folder (the synthetic
+            world's by default).
         url: the ``http`` retriever's endpoint.
         top_k: documents per search (and in the RAG prompt).
         max_turns: searches the agent may make (the paper: 2).
         max_tokens_per_turn: generated tokens per turn (the paper: 500).
         max_obs_tokens: tokens of one ``<information>`` block.
-        limit: questions per benchmark, the first ones in file order (the paper: 500).
-        engines: vLLM policy engines (Ray actors) the questions are spread over.
-        gpus_per_engine: GPUs per engine (0 on CPU).
         max_model_len, dtype: vLLM settings.
-        out_dir: where the results go; defaults to Hydra's run folder.
-        wandb: ``disabled``, ``offline`` or ``online``: a W&B run with the results table.
-        timeout_s: bound on each method's whole pass over one benchmark.
-        seed: seeds the engines (greedy decoding does not sample; simulated searches do).
     """
 
     model: str = "smollm2-135m-instruct"
-    data: str = "synthetic"
-    benchmarks: list[str] = field(default_factory=list)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
     engine: str = "bm25"
     corpus: str = ""
     url: str = "http://127.0.0.1:6002/retrieve"
@@ -69,11 +56,34 @@ class EvalConfig:
     max_turns: int = 2
     max_tokens_per_turn: int = 256
     max_obs_tokens: int = 512
+    max_model_len: int = 4096
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class EvalConfig(AgentConfig):
+    """An evaluation run (the policy and engine keys are in ``AgentConfig``).
+
+    Attributes:
+        data: ``synthetic`` (the synthetic world's test split, generated when missing) or a data folder.
+        benchmarks: names to evaluate (``nq`` … ``bamboogle``, ``synthetic``); empty: every benchmark found in
+            ``data`` (a missing one is reported and skipped), or ``synthetic`` for ``data=synthetic``.
+        methods: any of ``direct``, ``rag``, ``agent``.
+        limit: questions per benchmark, the first ones in file order (the paper: 500).
+        engines: vLLM policy engines (Ray actors) the questions are spread over.
+        gpus_per_engine: GPUs per engine (0 on CPU).
+        out_dir: where the results go; defaults to Hydra's run folder.
+        wandb: ``disabled``, ``offline`` or ``online``: a W&B run with the results table.
+        timeout_s: bound on each method's whole pass over one benchmark.
+        seed: seeds the engines (greedy decoding does not sample; simulated searches do).
+    """
+
+    data: str = "synthetic"
+    benchmarks: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
     limit: int = 500
     engines: int = 1
     gpus_per_engine: float = 0
-    max_model_len: int = 4096
-    dtype: str = "bfloat16"
     out_dir: str = "${hydra:runtime.output_dir}"
     wandb: str = "disabled"
     timeout_s: float = 3600.0

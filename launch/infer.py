@@ -23,38 +23,21 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.evaluate import AgentConfig
+
 
 @dataclass
-class InferConfig:
-    """An inference session.
+class InferConfig(AgentConfig):
+    """An inference session (the policy and engine keys are in ``launch.evaluate.AgentConfig``).
 
     Attributes:
-        model: asset name, HF folder, hub id, or a training run folder (its newest HF export).
-        engine: ``bm25``, ``dense``, ``http``, ``serpapi`` or ``simulated``.
-        corpus: the corpus ``bm25``/``dense`` search; empty: the synthetic world's.
-        url: the ``http`` retriever's endpoint.
-        top_k: documents per search.
-        max_turns: searches per question.
-        max_tokens_per_turn: generated tokens per turn.
-        max_obs_tokens: tokens of one ``<information>`` block.
         input: a questions file for batch mode; empty: interactive, from standard input.
         output: where batch mode writes its jsonl (default: ``input`` with ``.answers.jsonl``).
-        max_model_len, dtype: vLLM settings.
         guided_first_turn_regex: constrain the first turn to this regex (for demos and tests with untrained models).
     """
 
-    model: str = "smollm2-135m-instruct"
-    engine: str = "bm25"
-    corpus: str = ""
-    url: str = "http://127.0.0.1:6002/retrieve"
-    top_k: int = 3
-    max_turns: int = 2
-    max_tokens_per_turn: int = 256
-    max_obs_tokens: int = 512
     input: str = ""
     output: str = ""
-    max_model_len: int = 4096
-    dtype: str = "bfloat16"
     guided_first_turn_regex: str | None = None
 
 
