@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from actors.reward import exact_match, f1_score, substring_match
+from actors.reward import exact_match, extract_answer, f1_score, substring_match
 
 # The paper's benchmark order (spec section 8).
 BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
@@ -42,6 +42,14 @@ class EvalRecord:
     turns: int = 1
     invalid_actions: int = 0
     response: str = ""
+
+    @classmethod
+    def from_trajectory(cls, dataset: str, question: str, trajectory) -> EvalRecord:
+        """An agent episode (``actors.trajectory.Trajectory``) as a record: its answer and its episode statistics."""
+        stats = trajectory.stats
+        return cls(dataset, trajectory.group_id, question, tuple(trajectory.golden_answers),
+                   extract_answer(trajectory.response_text), stats.searches, stats.generated_tokens,
+                   max(stats.turns, 1), stats.invalid_actions, trajectory.response_text)
 
     def scores(self) -> dict[str, float]:
         if self.prediction is None:

@@ -13,15 +13,9 @@ import torch
 from actors.trajectory import Trajectory
 from learners import algorithms as A
 from learners.batch import LearnerSample
+from learners.engine import pad_rows
 
 ALGORITHMS = A.ALGORITHMS
-
-
-def _padded(rows: list[list[float]], width: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), width)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out
 
 
 def learner_samples(trajectories: list[Trajectory]) -> list[LearnerSample]:
@@ -43,8 +37,8 @@ def assign_advantages(samples: list[LearnerSample], trajectories: list[Trajector
     """Fill each sample's ``advantages`` (and, for PPO, ``returns``) from the group's rewards. PPO reads the critic's
     values from ``old_values``; a KL in the reward reads ``old_logprobs`` and ``ref_logprobs``. Returns metrics."""
     width = max(s.response_len for s in samples)
-    mask = _padded([s.loss_mask for s in samples], width)
-    optional = {name: _padded([getattr(s, field) for s in samples], width) if getattr(samples[0], field) else None
+    mask = pad_rows([s.loss_mask for s in samples], width)
+    optional = {name: pad_rows([getattr(s, field) for s in samples], width) if getattr(samples[0], field) else None
                 for name, field in (("values", "old_values"), ("old_logp", "old_logprobs"),
                                     ("ref_logp", "ref_logprobs"))}
     result = A.compute_advantages(algorithm, torch.tensor([t.reward for t in trajectories], dtype=torch.float32),

@@ -18,6 +18,7 @@ Methods, all greedy, on the same questions and engine:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -141,7 +142,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     from actors.episode import EpisodeConfig
     from actors.evaluation import EvalRecord, flat_rows, markdown_table, summarize
-    from actors.reward import extract_answer
     from actors.rollout import EpisodeRequest, RolloutActor, RolloutConfig
     from simulator.config import SearchConfig, SimulatorConfig
     from simulator.simulated import build_search_engine
@@ -163,8 +163,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             from simulator.pool import create_simulator_pool
 
             pool = create_simulator_pool(SimulatorConfig())
-        import functools
-
         factory = functools.partial(build_search_engine, search, SimulatorConfig(), pool,
                                     str(corpus) if corpus.is_file() else None)
         rollout_cfg = RolloutConfig(temperature=0.0, episode=EpisodeConfig(
@@ -190,16 +188,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                             for a, s in zip(actors, shards) if s]
                     trajectories = [t for stream in refs for ref in stream for t in ray.get(ref, timeout=cfg.timeout_s)]
                     by_uid = {t.group_id: t for t in trajectories}
-                    rows = [_agent_row(by_uid[r.group_id], extract_answer) for r in requests]
+                    found = [EvalRecord.from_trajectory(name, e.question, by_uid[e.uid]) for e in examples]
                 else:
                     parts = ray.get([a.answer.remote(s, method == "rag", cfg.top_k) for a, s in zip(actors, shards)
                                      if s], timeout=cfg.timeout_s)
                     by_uid = {r.group_id: row for shard, part in zip(shards, parts) for r, row in zip(shard, part)}
-                    rows = [by_uid[r.group_id] for r in requests]
+                    found = [EvalRecord(name, e.uid, e.question, e.golden_answers, **by_uid[e.uid]) for e in examples]
                 timings[f"{method}/{name}"] = time.perf_counter() - started
-                records[method] += [EvalRecord(name, e.uid, e.question, e.golden_answers, **row)
-                                    for e, row in zip(examples, rows)]
-                print(f"{method:>6} {name}: {len(rows)} questions in {timings[f'{method}/{name}']:.1f}s", flush=True)
+                records[method] += found
+                print(f"{method:>6} {name}: {len(found)} questions in {timings[f'{method}/{name}']:.1f}s", flush=True)
     finally:
         ray.shutdown()
 
@@ -228,13 +225,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         run.finish()
     print(header + tables, flush=True)
     return results
-
-
-def _agent_row(trajectory, extract_answer) -> dict[str, Any]:
-    stats = trajectory.stats
-    return {"prediction": extract_answer(trajectory.response_text), "response": trajectory.response_text,
-            "searches": stats.searches, "generated_tokens": stats.generated_tokens, "turns": max(stats.turns, 1),
-            "invalid_actions": stats.invalid_actions}
 
 
 # Its own folder: the training config's groups (model/, data/) would claim `model=` and `data=` here.

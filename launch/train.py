@@ -101,8 +101,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
             sync_metrics = cluster.sync_weights(version=step)                            # 6
             metrics = _step_metrics(batch, {**score_metrics, **train_metrics}, sync_metrics, t_train,
                                     time.perf_counter() - t_step, t_wait, t_idle, cluster)
-            if cfg.train.val_every and step % cfg.train.val_every == 0:
-                rollouts.wait_idle()
+            if cfg.train.val_every and step % cfg.train.val_every == 0:  # the engines are idle since the sync
                 metrics.update(cluster.validate(val_examples))
             curriculum.observe(metrics["critic/score/mean"])                            # 7
             logger.log(step, metrics, _sample_rows(batch.trajectories, cfg.logger.wandb.sample_table_rows),
@@ -224,7 +223,6 @@ class Cluster:
         """Greedy answers to ``examples`` with the training engine (noise 0: the simulator's useful documents) and
         with the real validation engine; their metrics side by side, and the gap."""
         from actors.evaluation import EvalRecord, dataset_metrics
-        from actors.reward import extract_answer
 
         passes = [(self.cfg.search.engine, False)]
         if self.cfg.train.val_engine != self.cfg.search.engine:
@@ -232,9 +230,7 @@ class Cluster:
         metrics: dict[str, float] = {}
         for name, real in passes:
             trajectories = self.rollout(examples, 0.0, step=0, temperature=0.0, validation_engine=real)
-            records = [EvalRecord("val", t.group_id, "", t.golden_answers, extract_answer(t.response_text),
-                                  t.stats.searches, t.stats.generated_tokens, max(t.stats.turns, 1),
-                                  t.stats.invalid_actions) for t in trajectories]
+            records = [EvalRecord.from_trajectory("val", "", t) for t in trajectories]
             for key, value in dataset_metrics(records).items():
                 if key != "n":
                     metrics[f"val/{name}/{key}"] = value
@@ -257,7 +253,7 @@ class Cluster:
         deadline = started + self.cfg.train.rollout_timeout_s
         requests = [EpisodeRequest(p.uid, p.question, p.golden_answers, p.data_source, seed=self.cfg.seed * 1_000_003
                                    + step * 1000 + first_index + i) for i, p in enumerate(prompts)]
-        group_size = 1 if validation_engine or temperature == 0.0 else self.cfg.train.group_size
+        group_size = 1 if temperature == 0.0 else self.cfg.train.group_size  # greedy: one answer per question
         streams = [engine.rollout.options(num_returns="streaming").remote(
                    requests[k::len(self.engines)], group_size, noise_prob, temperature, validation_engine)
                    for k, engine in enumerate(self.engines)]

@@ -18,8 +18,7 @@ from torch import Tensor, nn
 
 from learners.algorithms import masked_sum, token_mean_loss, value_loss
 from learners.batch import LearnerSample
-from learners.engine import DeepSpeedCore, MicroBatch, collate
-from learners.micro_batching import pack_by_token_budget
+from learners.engine import DeepSpeedCore, MicroBatch
 from learners.policy import LearnerActorShell
 
 
@@ -64,23 +63,9 @@ class CriticTrainer(DeepSpeedCore):
         backbone = AutoModel.from_pretrained(model_path, dtype=torch.float32)
         return ValueModel(backbone, backbone.config.hidden_size)
 
-    @torch.no_grad()
     def values(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
         """Per response token V_t under the current weights."""
-        if not samples:
-            return []
-        self.engine.eval()
-        try:
-            plan = pack_by_token_budget([len(s.input_ids) for s in samples], self.cfg.logprob_micro_batch_tokens)
-            out: list[list[float]] = [[] for _ in samples]
-            for idx in plan.batches:
-                mb = collate([samples[j] for j in idx], self.device, self.pad_id)
-                values = response_values(self.engine, mb).cpu()
-                for row, j in enumerate(idx):
-                    out[j] = values[row, : mb.response_lens[row]].tolist()
-            return out
-        finally:
-            self.engine.train()
+        return self._per_token(samples, response_values)
 
     def _value_loss(self, mb: MicroBatch, n_global: float) -> tuple[Tensor, dict[str, float]]:
         mask = mb.loss_mask

@@ -75,7 +75,9 @@ class MicroBatch:
     response_lens: list[int]
 
 
-def _padded(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype, dev: torch.device) -> Tensor:
+def pad_rows(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype = torch.float32,
+             dev: torch.device | str = "cpu") -> Tensor:
+    """Ragged per-token rows as one ``[len(rows), width]`` tensor, zero-padded on the right."""
     out = torch.zeros(len(rows), width, dtype=dtype)
     for i, row in enumerate(rows):
         if len(row):
@@ -101,8 +103,8 @@ def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0
     targets = torch.zeros(len(samples), r_width, dtype=torch.long)
     for i, s in enumerate(samples):
         targets[i, : resp[i]] = input_ids[i, s.prompt_len: s.prompt_len + resp[i]]
-    valid = _padded([[1] * n for n in resp], r_width, torch.bool, dev)
-    loss_mask = _padded([s.loss_mask or [1] * s.response_len for s in samples], r_width, torch.bool, dev) & valid
+    valid = pad_rows([[1] * n for n in resp], r_width, torch.bool, dev)
+    loss_mask = pad_rows([s.loss_mask or [1] * s.response_len for s in samples], r_width, torch.bool, dev) & valid
     return MicroBatch(
         input_ids=input_ids.to(dev),
         attention_mask=attention.to(dev),
@@ -110,15 +112,15 @@ def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0
         targets=targets.to(dev),
         valid=valid,
         loss_mask=loss_mask,
-        advantages=_padded([s.advantages for s in samples], r_width, torch.float32, dev),
-        old_logprobs=_padded([s.old_logprobs for s in samples], r_width, torch.float32, dev),
+        advantages=pad_rows([s.advantages for s in samples], r_width, torch.float32, dev),
+        old_logprobs=pad_rows([s.old_logprobs for s in samples], r_width, torch.float32, dev),
         has_old=torch.tensor([[bool(s.old_logprobs)] for s in samples], device=dev),
-        ref_logprobs=_padded([s.ref_logprobs for s in samples], r_width, torch.float32, dev),
+        ref_logprobs=pad_rows([s.ref_logprobs for s in samples], r_width, torch.float32, dev),
         has_ref=torch.tensor([[bool(s.ref_logprobs)] for s in samples], device=dev),
-        rollout_logprobs=_padded([s.rollout_logprobs for s in samples], r_width, torch.float32, dev),
+        rollout_logprobs=pad_rows([s.rollout_logprobs for s in samples], r_width, torch.float32, dev),
         has_rollout=torch.tensor([[bool(s.rollout_logprobs)] for s in samples], device=dev),
-        returns=_padded([s.returns for s in samples], r_width, torch.float32, dev),
-        old_values=_padded([s.old_values for s in samples], r_width, torch.float32, dev),
+        returns=pad_rows([s.returns for s in samples], r_width, torch.float32, dev),
+        old_values=pad_rows([s.old_values for s in samples], r_width, torch.float32, dev),
         response_lens=resp,
     )
 
@@ -148,10 +150,17 @@ def aligned_plan(lengths: Sequence[int], token_budget: int) -> tuple[MicroBatchP
     return plan, int(D.all_reduce_max(len(plan.batches)))
 
 
+def logprobs_of(model: Callable, mb: MicroBatch) -> Tensor:
+    """log π(token | prefix) of every response token, ``[B, R]``."""
+    return token_logprobs(response_logits(model, mb), mb.targets)
+
+
 @torch.no_grad()
-def compute_logprobs(model: Callable, samples: Sequence[LearnerSample], token_budget: int, dev: torch.device,
-                     pad_id: int = 0, align_ranks: bool = False) -> list[list[float]]:
-    """Per response token log π(token | prefix) of each sample, in input order.
+def compute_per_token(model: Callable, samples: Sequence[LearnerSample], token_budget: int, dev: torch.device,
+                      pad_id: int = 0, align_ranks: bool = False,
+                      per_token: Callable[[Callable, MicroBatch], Tensor] = logprobs_of) -> list[list[float]]:
+    """``per_token(model, micro_batch)`` for each response token of each sample, in input order, without gradient:
+    logprobs by default, the critic's values with ``learners.critic.response_values``.
 
     ``align_ranks``: run as many forwards as the busiest rank (ZeRO-3 gathers weights collectively on every forward).
     """
@@ -170,11 +179,17 @@ def compute_logprobs(model: Callable, samples: Sequence[LearnerSample], token_bu
         real = i < len(plan.batches)
         idx = plan.batches[i] if real else plan.batches[0]
         mb = collate([samples[j] for j in idx], dev, pad_id)
-        logp = token_logprobs(response_logits(model, mb), mb.targets).cpu()
+        values = per_token(model, mb).cpu()
         if real:
             for row, j in enumerate(idx):
-                out[j] = logp[row, : mb.response_lens[row]].tolist()
+                out[j] = values[row, : mb.response_lens[row]].tolist()
     return out
+
+
+def compute_logprobs(model: Callable, samples: Sequence[LearnerSample], token_budget: int, dev: torch.device,
+                     pad_id: int = 0, align_ranks: bool = False) -> list[list[float]]:
+    """Per response token log π(token | prefix) of each sample, in input order (see ``compute_per_token``)."""
+    return compute_per_token(model, samples, token_budget, dev, pad_id, align_ranks)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -275,12 +290,17 @@ class DeepSpeedCore:
 
     def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
         """Per response token logprobs under the current weights, no gradient (old / behaviour logprobs)."""
+        return self._per_token(samples, logprobs_of)
+
+    def _per_token(self, samples: Sequence[LearnerSample], per_token: Callable[[Callable, MicroBatch], Tensor]
+                   ) -> list[list[float]]:
+        """``compute_per_token`` on this engine's current weights, in eval mode."""
         self.engine.eval()
         try:
             # Only ZeRO-3 gathers weights collectively in the forward; other stages can run unaligned forwards.
             align = D.world_size() > 1 and self.cfg.zero_stage == 3
-            return compute_logprobs(self.engine, samples, self.cfg.logprob_micro_batch_tokens, self.device,
-                                    self.pad_id, align_ranks=align)
+            return compute_per_token(self.engine, samples, self.cfg.logprob_micro_batch_tokens, self.device,
+                                     self.pad_id, align_ranks=align, per_token=per_token)
         finally:
             self.engine.train()
 
