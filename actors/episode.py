@@ -120,6 +120,7 @@ async def run_episode(
             stats.search_s += time.perf_counter() - started
             stats.searches += 1
             stats.queries.append(action.content)
+            stats.documents.append(list(result.documents))
             stats.noisy.append(result.meta.noisy)
             stats.failed_searches += int(result.meta.failed)
             observation = observation_token_ids(result.text, tokenizer, cfg.max_obs_tokens)

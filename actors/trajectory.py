@@ -10,6 +10,7 @@ class EpisodeStats:
     turns: int = 0  # generations made
     searches: int = 0
     queries: list[str] = field(default_factory=list)
+    documents: list[list[str]] = field(default_factory=list)  # each search's documents, for simulator tuning
     noisy: list[bool | None] = field(default_factory=list)  # the simulator's draw per search (None: real engine)
     failed_searches: int = 0
     valid_actions: int = 0  # turns that ended in a parsable <search> or <answer>

@@ -22,14 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors.reward import normalize_answer  # noqa: E402
 from simulator.base import SearchContext  # noqa: E402
 from simulator.config import SimulatorConfig  # noqa: E402
-
-
-def contains_answer(text: str, answers: list[str]) -> bool:
-    haystack = f" {normalize_answer(text)} "
-    return any(f" {normalize_answer(a)} " in haystack for a in answers if normalize_answer(a))
+from simulator.tuning_data import contains_answer  # noqa: E402
 
 
 def load_questions(n: int, seed: int) -> list[dict]:

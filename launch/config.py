@@ -242,12 +242,123 @@ class WarmupConfig:
 
 
 @dataclass
+class SimCollectConfig:
+    """Collecting and labelling real search results for simulator tuning (``launch.collect_sim_data``, spec section 3).
+
+    The policy is the run's ``model`` (warmed up first when ``train.warmup`` says so, exactly as training would), and
+    it answers training questions with the search protocol against a real engine.
+
+    Attributes:
+        engine: the real engine: ``bm25``, ``dense``, ``http`` or ``serpapi``; its options (corpus, url, key) are the
+            ``search`` group's.
+        top_k: documents per search, and so per SFT target (the simulator is asked for five).
+        questions: training questions answered (the first ones of a seeded shuffle of the train split).
+        samples_per_question: episodes per question; sampled at ``temperature``, they give a question both right and
+            wrong trajectories.
+        temperature: the policy's sampling temperature.
+        label: ``v1``, the paper's: every search of an episode whose answer is correct (SubEM) gives useful documents,
+            of a wrong one noisy documents; ``rule``, v2 with a rule: useful when a document contains a gold answer;
+            ``llm``, v2 with an LLM judge served by a simulator pool (``judge_model``).
+        judge_model: the LLM judge of ``label=llm``; empty: the run's ``simulator.model``.
+        val_fraction: share of questions held out, chosen by a hash of the question (so all queries of a question
+            fall on the same side, and the split does not depend on the order of collection).
+        balance: downsample the larger class of each split, so useful and noisy examples are equal in number.
+        engines: vLLM policy engines (Ray actors) the questions are spread over.
+        timeout_s: limit of the whole collection, and of the judge's pass.
+    """
+
+    engine: str = "bm25"
+    top_k: int = 5
+    questions: int = 800
+    samples_per_question: int = 2
+    temperature: float = 1.0
+    label: str = "v1"
+    judge_model: str = ""
+    val_fraction: float = 0.25
+    balance: bool = True
+    engines: int = 1
+    timeout_s: float = 3600.0
+
+
+@dataclass
+class SimTuneConfig:
+    """Supervised fine-tuning of the simulator on collected data (``launch.tune_simulator``).
+
+    The model tuned is the run's ``simulator.model``. The paper's recipe (LLaMA-Factory) is lr 1e-6, batch size 2,
+    1,000 steps on about 20k balanced examples for a 3-14B simulator; the CPU default tunes a 135M model, which takes
+    a far larger learning rate and far fewer steps.
+
+    Attributes:
+        steps: optimizer steps; each takes ``batch_size`` examples, cycling through the shuffled training split.
+        batch_size: examples per optimizer step.
+        lr: peak learning rate, reached after ``lr_warmup_steps``, then constant.
+        lr_warmup_steps: optimizer steps of linear learning-rate warmup.
+        micro_batch_tokens: token budget of one micro-batch, padding included.
+        max_target_tokens: targets are cut to this many tokens (the end-of-turn token is kept).
+        eval_every: held-out loss every this many steps (0: only at the end).
+        eval_examples: held-out examples the loss is measured on.
+        save_every: a checkpoint every this many steps (0: only the export at the end); ``resume`` continues from the
+            newest.
+        resume: continue from the newest checkpoint in the output folder when there is one.
+        seed: the order of the examples.
+    """
+
+    steps: int = 120
+    batch_size: int = 8
+    lr: float = 5.0e-5
+    lr_warmup_steps: int = 5
+    micro_batch_tokens: int = 4096
+    max_target_tokens: int = 320
+    eval_every: int = 40
+    eval_examples: int = 64
+    save_every: int = 40
+    resume: bool = True
+    seed: int = 0
+
+
+@dataclass
+class SimReportConfig:
+    """Measuring simulators against the real engine on held-out queries (``launch.simulator_report``).
+
+    Attributes:
+        queries: held-out queries measured (the first ones of the held-out split).
+        tuned: the tuned simulator (an HF folder), run in ``sft`` mode; empty: ``{dir}/tuned/hf`` when it exists.
+        max_tokens: new tokens per simulated search (the same for every simulator).
+        temperature: the simulators' sampling temperature (the paper's 0.8).
+        timeout_s: limit of each simulator's pass over the queries.
+    """
+
+    queries: int = 200
+    tuned: str = ""
+    max_tokens: int = 320
+    temperature: float = 0.8
+    timeout_s: float = 3600.0
+
+
+@dataclass
+class SimulationConfig:
+    """Simulation tuning, end to end: ``collect_sim_data``, then ``tune_simulator``, then ``simulator_report``.
+
+    Attributes:
+        dir: the pipeline's folder: ``data/`` (records and the SFT dataset), ``tuned/`` (checkpoints and the HF
+            export ``tuned/hf``, which plugs into training as ``simulator.model=.../tuned/hf simulator.mode=sft``),
+            and ``report.md`` / ``report.json``.
+    """
+
+    dir: str = "runs/simulation"
+    collect: SimCollectConfig = field(default_factory=SimCollectConfig)
+    tune: SimTuneConfig = field(default_factory=SimTuneConfig)
+    report: SimReportConfig = field(default_factory=SimReportConfig)
+
+
+@dataclass
 class Config:
     """The whole run. Groups are chosen on the command line (``model=tiny_llama``), fields set with ``key=value``.
 
     Attributes:
         critic: the PPO critic's learner settings (``conf/critic/``; lr 1e-5, warmup ratio 0.015 and value clip 0.5 in
             the paper). Unused by the other algorithms.
+        simulation: simulation tuning (``launch.collect_sim_data``, ``tune_simulator``, ``simulator_report``).
         seed: seeds prompts order, rollouts and the learners.
         resume: ``off``; ``auto`` continues from the newest checkpoint in the run folder when there is one (else
             starts fresh); or the path of a run folder to continue in. Restores the learners' DeepSpeed states, the
@@ -266,6 +377,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     critic: LearnerConfig = field(default_factory=LearnerConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
     seed: int = 0
     resume: str = "off"
 

@@ -33,6 +33,9 @@ class SimulatorConfig:
         tensor_parallel_size: vLLM tensor parallelism inside one server (GPU only).
         max_model_len: vLLM context limit; the prompt-mode prompt is ~500 tokens plus ``max_tokens`` new ones.
         dtype, enforce_eager, gpu_memory_utilization: vLLM engine options (0.3 and eager suit the CPU build).
+        enable_prefix_caching: reuse the KV cache of shared prompt prefixes. Every request starts with the same
+            template (about 500 tokens in prompt mode) and the weights never change, so it is always safe; vLLM's
+            CPU build leaves it off unless asked.
         kvcache_gb: ``VLLM_CPU_KVCACHE_SPACE`` for CPU servers (whole GiB); ignored when the server has a GPU.
         cpu_threads_bind: ``VLLM_CPU_OMP_THREADS_BIND`` for CPU servers. ``auto`` is vLLM's default, which pins every
             server to the same first cores; ``spread`` gives server i its own slice of the machine's cores, so N
@@ -65,6 +68,7 @@ class SimulatorConfig:
     dtype: str = "bfloat16"
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.3
+    enable_prefix_caching: bool = True
     kvcache_gb: int = 1
     cpu_threads_bind: str = "spread"
     seed: int = 0

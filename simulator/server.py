@@ -89,6 +89,7 @@ def engine_kwargs(cfg: SimulatorConfig, model_path: str) -> dict[str, Any]:
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "seed": cfg.seed,
+        "enable_prefix_caching": cfg.enable_prefix_caching,
         "disable_log_stats": True,
     }
 
