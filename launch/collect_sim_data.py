@@ -206,9 +206,13 @@ def main(dict_cfg: DictConfig) -> None:
           f"({collection['correct_episodes']} correct) in {collection['seconds']:.0f}s; label {labelling['rule']} "
           f"(v1/rule agreement {labelling['v1_rule_agreement']:.2f}); dataset: train {counts['train']}, "
           f"val {counts['val']}; written to {out}", flush=True)
-    if not counts["train"][USEFUL] or not counts["train"][NOISY]:
-        raise SystemExit(f"the training split has {counts['train']}: both useful and noisy examples are needed. "
-                         f"Collect more questions or samples, or change simulation.collect.label")
+    if not any(counts["train"].values()):
+        raise SystemExit("the training split is empty: the policy made no usable search. Does it follow the search "
+                         "protocol (train.warmup=on warms a small model up)? Or collect more questions")
+    missing = [label for label, n in counts["train"].items() if not n]
+    if missing:
+        print(f"warning: no {missing[0]} examples in the training split; the tuned simulator will not learn to write "
+              f"them. Collect more questions or samples, or change simulation.collect.label", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.reward import normalize_answer
+from simulator.base import format_documents  # the real engine's <information> text, as the policy reads it
 from simulator.templates import build_simulator_prompt
 
 LABEL_RULES = ("v1", "rule", "llm")
@@ -59,6 +60,9 @@ class SearchRecord:
         missing = [key for key in RECORD_KEYS if key not in row]
         if missing:
             raise ValueError(f"{where}: missing keys {missing}; a search record has {[f.name for f in fields(cls)]}")
+        for key in ("golden_answers", "documents"):
+            if not isinstance(row[key], list) or not all(isinstance(x, str) for x in row[key]):
+                raise ValueError(f"{where}: {key!r} must be a list of strings, got {row[key]!r:.80}")
         return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
 
@@ -107,11 +111,6 @@ def parse_judgement(text: str | None) -> str | None:
 
 
 # --- the dataset -------------------------------------------------------------------------------------------------
-
-
-def format_documents(documents: Sequence[str]) -> str:
-    """The real engine's output as the simulator writes it: one ``Doc i: ...`` line per document."""
-    return "\n".join(f"Doc {i}: {' '.join(doc.split())}" for i, doc in enumerate(documents, start=1))
 
 
 def split_of(question: str, val_fraction: float) -> str:
@@ -184,6 +183,11 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    return [row for _, row in numbered_rows(path)]
+
+
+def numbered_rows(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a jsonl file with their line numbers (blank lines skipped), for errors that name a line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -198,28 +202,28 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
 
 
 def read_records(path: str | os.PathLike) -> list[SearchRecord]:
-    return [SearchRecord.from_json(row, f"{path}, line {i}") for i, row in enumerate(read_jsonl(path), start=1)]
+    return [SearchRecord.from_json(row, f"{path}, line {lineno}") for lineno, row in numbered_rows(path)]
 
 
 def read_sft_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
     """SFT examples, each checked for every key (``SFT_KEYS``) with the right type, and for a known label."""
-    rows = read_jsonl(path)
-    if not rows:
+    numbered = numbered_rows(path)
+    if not numbered:
         raise ValueError(f"{path}: no examples")
-    for lineno, row in enumerate(rows, start=1):
+    for lineno, row in numbered:
         missing = [k for k in SFT_KEYS if k not in row]
         if missing:
-            raise ValueError(f"{path}, example {lineno}: missing keys {missing}; expected {list(SFT_KEYS)}")
+            raise ValueError(f"{path}, line {lineno}: missing keys {missing}; expected {list(SFT_KEYS)}")
         if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str) or not row["completion"]:
-            raise ValueError(f"{path}, example {lineno}: 'prompt' and 'completion' must be non-empty strings")
+            raise ValueError(f"{path}, line {lineno}: 'prompt' and 'completion' must be non-empty strings")
         if row["label"] not in (USEFUL, NOISY):
-            raise ValueError(f"{path}, example {lineno}: label {row['label']!r}; expected {USEFUL!r} or {NOISY!r}")
-    return rows
+            raise ValueError(f"{path}, line {lineno}: label {row['label']!r}; expected {USEFUL!r} or {NOISY!r}")
+    return [row for _, row in numbered]
 
 
 def record_rows(records: Iterable[SearchRecord]) -> list[dict[str, Any]]:
