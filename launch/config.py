@@ -253,8 +253,8 @@ class SimCollectConfig:
             ``search`` group's.
         top_k: documents per search, and so per SFT target (the simulator is asked for five).
         questions: training questions answered (the first ones of a seeded shuffle of the train split).
-        samples_per_question: episodes per question; sampled at ``temperature``, they give a question both right and
-            wrong trajectories.
+        samples_per_question: episodes per question; sampled at ``temperature``, several give a question both right
+            and wrong trajectories (and often the same query twice, which is kept once per label).
         temperature: the policy's sampling temperature.
         label: ``v1``, the paper's: every search of an episode whose answer is correct (SubEM) gives useful documents,
             of a wrong one noisy documents; ``rule``, v2 with a rule: useful when a document contains a gold answer;
@@ -269,8 +269,8 @@ class SimCollectConfig:
 
     engine: str = "bm25"
     top_k: int = 5
-    questions: int = 800
-    samples_per_question: int = 2
+    questions: int = 300
+    samples_per_question: int = 1
     temperature: float = 1.0
     label: str = "v1"
     judge_model: str = ""
@@ -285,8 +285,9 @@ class SimTuneConfig:
     """Supervised fine-tuning of the simulator on collected data (``launch.tune_simulator``).
 
     The model tuned is the run's ``simulator.model``. The paper's recipe (LLaMA-Factory) is lr 1e-6, batch size 2,
-    1,000 steps on about 20k balanced examples for a 3-14B simulator; the CPU default tunes a 135M model, which takes
-    a far larger learning rate and far fewer steps.
+    1,000 steps on about 20k balanced examples for a 3-14B simulator; the CPU default tunes a 135M model on a few
+    hundred examples, which takes a far larger learning rate and far fewer steps (``make simulator`` fits in about
+    20 minutes on two cores).
 
     Attributes:
         steps: optimizer steps; each takes ``batch_size`` examples, cycling through the shuffled training split.
@@ -303,15 +304,15 @@ class SimTuneConfig:
         seed: the order of the examples.
     """
 
-    steps: int = 120
+    steps: int = 40
     batch_size: int = 8
     lr: float = 5.0e-5
     lr_warmup_steps: int = 5
     micro_batch_tokens: int = 4096
     max_target_tokens: int = 320
-    eval_every: int = 40
+    eval_every: int = 20
     eval_examples: int = 64
-    save_every: int = 40
+    save_every: int = 20
     resume: bool = True
     seed: int = 0
 
@@ -328,9 +329,9 @@ class SimReportConfig:
         timeout_s: limit of each simulator's pass over the queries.
     """
 
-    queries: int = 200
+    queries: int = 60
     tuned: str = ""
-    max_tokens: int = 320
+    max_tokens: int = 256
     temperature: float = 0.8
     timeout_s: float = 3600.0
 

@@ -4,8 +4,9 @@
     python -m launch.simulator_report simulation.dir=runs/simulation simulation.report.queries=200
     python -m launch.simulator_report simulation.report.tuned=runs/simulation/tuned/hf simulator=tiny
 
-The queries are the held-out split written by ``launch.collect_sim_data`` (``{simulation.dir}/data/sft_val.jsonl``),
-the first ``simulation.report.queries`` distinct (question, query) pairs. Three sources answer each of them:
+The queries are the held-out split of the records written by ``launch.collect_sim_data``
+(``{simulation.dir}/data/records.jsonl``, rows with ``split == "val"``), the first ``simulation.report.queries``
+distinct (question, query) pairs. Three sources answer each of them:
 
     base   the run's simulator (``simulator.model`` in ``simulator.mode``), once useful and once noisy
     tuned  the fine-tuned simulator (``simulation.report.tuned``, else ``{dir}/tuned/hf``) in ``sft`` mode, likewise;
@@ -36,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.config import Config, register_configs
 from simulator.base import SearchContext, SearchResult
-from simulator.tuning_data import NOISY, USEFUL, contains_answer, read_sft_examples
+from simulator.tuning_data import NOISY, USEFUL, contains_answer, read_records
 
 register_configs()
 
@@ -48,18 +49,21 @@ EXAMPLE_CHARS = 1000
 
 
 def load_queries(path: Path, limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` distinct (question, query) pairs of the held-out SFT file, in file order. A pair that
-    appears with both labels (v1 keeps both when one episode was right and one wrong) keeps its first row's label."""
+    """The first ``limit`` distinct (question, query) pairs of the held-out split of the collected records, in file
+    order: every labelled held-out search, not only the balanced subset that became SFT data. A pair that appears
+    with both labels (v1 keeps both when one episode was right and one wrong) keeps its first row's label."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no held-out queries; run `python -m launch.collect_sim_data` first "
                                 f"(with the same simulation.dir)")
     unique: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in read_sft_examples(path):
-        unique.setdefault((row["question"], row["query"]), row)
+    for r in read_records(path):
+        if r.split == "val" and r.label in SIMULATOR_KINDS:
+            unique.setdefault((r.question, r.query), {"question": r.question, "query": r.query, "label": r.label,
+                                                      "golden_answers": list(r.golden_answers)})
     rows = list(unique.values())
     if len(rows) < limit:
-        print(f"note: {path} holds {len(rows)} distinct queries, fewer than the {limit} asked for; using all of them",
-              flush=True)
+        print(f"note: {path} holds {len(rows)} distinct held-out queries, fewer than the {limit} asked for; "
+              f"using all of them", flush=True)
     return rows[:limit]
 
 
@@ -252,7 +256,7 @@ def run_report(cfg: Config) -> dict[str, Any]:
     from launch.paths import resolve
 
     out = resolve(cfg.simulation.dir)
-    path = out / "data" / "sft_val.jsonl"
+    path = out / "data" / "records.jsonl"
     rows = load_queries(path, cfg.simulation.report.queries)
     real, real_cfg = measure_real_engine(cfg, rows)  # first: cheap, and it fails fast on a missing corpus
     sources = {"base": measure_simulator(cfg, model_location(cfg.simulator.model), cfg.simulator.mode, rows)}

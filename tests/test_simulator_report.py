@@ -24,7 +24,7 @@ from launch.simulator_report import (
     tuned_model,
 )
 from simulator.base import SearchMeta, SearchResult, failed_result
-from simulator.tuning_data import SearchRecord, sft_example, write_jsonl
+from simulator.tuning_data import SearchRecord, record_rows, write_jsonl
 from tests.conftest import REPO_ROOT
 
 
@@ -82,7 +82,7 @@ def _report() -> dict:
     sim = {"model": "tiny-llama", "mode": "prompt", "metrics": {"useful": useful, "noisy": noisy}, "gap": 0.5}
     real = {"engine": "bm25", "gap": None,
             "metrics": {"all": noisy, "useful_labelled": useful, "noisy_labelled": reply_metrics([], [], top_k=2)}}
-    return {"file": "sft_val.jsonl", "queries": 2, "top_k": 2, "max_tokens": 32, "temperature": 0.8,
+    return {"file": "records.jsonl", "queries": 2, "top_k": 2, "max_tokens": 32, "temperature": 0.8,
             "sources": {"base": sim, "tuned": {**sim, "mode": "sft"}, "real": real},
             "skipped": {"other": "for the test"}}
 
@@ -103,22 +103,24 @@ def test_markdown_has_a_row_per_source_and_kind_and_a_gap_line_per_source():
     assert "- **other**: skipped (for the test)" in text
 
 
-def _record(question: str, query: str, label: str, answer: str = "Norhaven") -> SearchRecord:
+def _record(question: str, query: str, label: str, answer: str = "Norhaven", split: str = "val") -> SearchRecord:
+    """Training-split and unlabelled records are not held-out queries."""
     return SearchRecord(question=question, golden_answers=[answer], query=query, documents=[f"{query} is in {answer}."],
-                        final_answer=answer, correct=label == "useful", label=label)
+                        final_answer=answer, correct=label == "useful", label=label, split=split)
 
 
 def test_held_out_queries_are_the_first_distinct_pairs(tmp_path, capsys):
-    path = tmp_path / "sft_val.jsonl"
+    path = tmp_path / "records.jsonl"
     records = [_record("Q1?", "q1", "useful"), _record("Q1?", "q1", "noisy"), _record("Q1?", "q1 again", "noisy"),
+               _record("Q0?", "q0", "useful", split="train"), _record("Q3?", "q3", "", split="val"),
                _record("Q2?", "q2", "noisy")]
-    write_jsonl(path, [sft_example(r) for r in records])
+    write_jsonl(path, record_rows(records))
     rows = load_queries(path, 2)
     assert [(r["question"], r["query"], r["label"]) for r in rows] == [("Q1?", "q1", "useful"),
                                                                        ("Q1?", "q1 again", "noisy")]
     assert capsys.readouterr().out == ""
     assert len(load_queries(path, 10)) == 3  # fewer than asked: all of them, and a note
-    assert "holds 3 distinct queries, fewer than the 10 asked for" in capsys.readouterr().out
+    assert "holds 3 distinct held-out queries, fewer than the 10 asked for" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="launch.collect_sim_data"):
         load_queries(tmp_path / "missing.jsonl", 2)
 
@@ -142,10 +144,10 @@ def test_report_runs_base_tuned_and_real_engine(tmp_path, synthetic_world, tiny_
     questions = pq.read_table(synthetic_world["val"]).to_pylist()[:4]
     records = [SearchRecord(question=q["question"], golden_answers=list(q["golden_answers"]), query=q["question"],
                             documents=[f"A passage about {q['question']}"], final_answer=None, correct=False,
-                            label="useful" if i % 2 == 0 else "noisy") for i, q in enumerate(questions)]
+                            label="useful" if i % 2 == 0 else "noisy", split="val") for i, q in enumerate(questions)]
     records.append(SearchRecord(**{**records[0].__dict__, "label": "noisy"}))
     sim_dir = tmp_path / "simulation"
-    write_jsonl(sim_dir / "data" / "sft_val.jsonl", [sft_example(r) for r in records])
+    write_jsonl(sim_dir / "data" / "records.jsonl", record_rows(records))
 
     cmd = [sys.executable, "-m", "launch.simulator_report", f"simulation.dir={sim_dir}", "simulator=tiny",
            "simulation.report.queries=10", "simulation.report.max_tokens=32", "simulation.report.timeout_s=600",
@@ -153,7 +155,7 @@ def test_report_runs_base_tuned_and_real_engine(tmp_path, synthetic_world, tiny_
            f"hydra.run.dir={tmp_path / 'hydra'}"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    assert "holds 4 distinct queries, fewer than the 10 asked for" in result.stdout
+    assert "holds 4 distinct held-out queries, fewer than the 10 asked for" in result.stdout
     assert "| real | noisy_labelled |" in result.stdout
 
     report = json.loads((sim_dir / "report.json").read_text())
