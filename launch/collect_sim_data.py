@@ -183,7 +183,7 @@ def write_dataset(out: Path, records: list[SearchRecord], chosen: list[SearchRec
 def main(dict_cfg: DictConfig) -> None:
     import ray
 
-    from launch.assets import resolve_model
+    from launch.evaluate import resolve_policy
     from launch.paths import ensure_data, resolve
     from launch.train import init_ray
     from launch.warmup import should_warm_up, warm_up
@@ -197,7 +197,7 @@ def main(dict_cfg: DictConfig) -> None:
     out = resolve(cfg.simulation.dir) / "data"
     init_ray(cfg)
     try:
-        policy = resolve_model(cfg.model.name)
+        policy = resolve_policy(cfg.model.name)  # an asset, an HF folder or hub id, or a training run folder
         if should_warm_up(cfg.train.warmup, policy, cfg.warmup.max_params):
             policy, _ = warm_up(cfg, policy, files["train"], files["corpus"], Path(dict_cfg.logger.run_dir))
         records, collection = collect(cfg, policy, files["train"], files["corpus"])
