@@ -41,7 +41,7 @@ from simulator.tuning_data import NOISY, USEFUL, SearchRecord
 register_configs()
 
 REAL_ENGINES = ("bm25", "dense", "http", "serpapi")
-QUESTIONS_PER_ROUND = 32  # per engine
+QUESTIONS_PER_ROUND = 96  # per engine
 
 
 def final_answer(trajectory) -> tuple[str | None, bool]:

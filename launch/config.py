@@ -269,7 +269,7 @@ class SimCollectConfig:
 
     engine: str = "bm25"
     top_k: int = 5
-    questions: int = 300
+    questions: int = 240
     samples_per_question: int = 1
     temperature: float = 1.0
     label: str = "v1"
