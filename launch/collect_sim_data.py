@@ -179,6 +179,17 @@ def write_dataset(out: Path, records: list[SearchRecord], chosen: list[SearchRec
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
+def previous_collection(out: Path) -> tuple[list[SearchRecord], dict[str, Any]]:
+    """The records and summary a collection wrote into ``out``, labels and splits cleared."""
+    path = out / "records.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"simulation.collect.relabel=true: {path} does not exist; collect first")
+    records = sim_data.read_records(path)
+    for r in records:
+        r.label, r.split = "", ""
+    return records, json.loads((out / "summary.json").read_text())
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     import ray
@@ -197,10 +208,14 @@ def main(dict_cfg: DictConfig) -> None:
     out = resolve(cfg.simulation.dir) / "data"
     init_ray(cfg)
     try:
-        policy = resolve_policy(cfg.model.name)  # an asset, an HF folder or hub id, or a training run folder
-        if should_warm_up(cfg.train.warmup, policy, cfg.warmup.max_params):
-            policy, _ = warm_up(cfg, policy, files["train"], files["corpus"], Path(dict_cfg.logger.run_dir))
-        records, collection = collect(cfg, policy, files["train"], files["corpus"])
+        if c.relabel:  # the searches of an earlier collection, labelled afresh
+            records, earlier = previous_collection(out)
+            policy, collection = earlier["policy"], earlier["collection"]
+        else:
+            policy = resolve_policy(cfg.model.name)  # an asset, an HF folder or hub id, or a training run folder
+            if should_warm_up(cfg.train.warmup, policy, cfg.warmup.max_params):
+                policy, _ = warm_up(cfg, policy, files["train"], files["corpus"], Path(dict_cfg.logger.run_dir))
+            records, collection = collect(cfg, policy, files["train"], files["corpus"])
         labelling = label_all(cfg, records)
     finally:
         ray.shutdown()

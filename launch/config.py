@@ -263,19 +263,22 @@ class SimCollectConfig:
         val_fraction: share of questions held out, chosen by a hash of the question (so all queries of a question
             fall on the same side, and the split does not depend on the order of collection).
         balance: downsample the larger class of each split, so useful and noisy examples are equal in number.
+        relabel: label the searches of the collection already in ``{simulation.dir}/data`` again (another ``label``
+            rule, split or balance) instead of collecting.
         engines: vLLM policy engines (Ray actors) the questions are spread over.
         timeout_s: limit of the whole collection, and of the judge's pass.
     """
 
     engine: str = "bm25"
     top_k: int = 5
-    questions: int = 240
+    questions: int = 200
     samples_per_question: int = 1
     temperature: float = 1.0
     label: str = "v1"
     judge_model: str = ""
     val_fraction: float = 0.25
     balance: bool = True
+    relabel: bool = False
     engines: int = 1
     timeout_s: float = 3600.0
 

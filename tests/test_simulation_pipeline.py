@@ -28,7 +28,7 @@ def run_cli(module: str, *overrides: str, timeout: float = 900) -> str:
 def test_collection_writes_records_with_every_field(synthetic_world, tmp_path):
     from actors.reward import substring_match
     from simulator.engines import load_corpus
-    from simulator.tuning_data import RECORD_KEYS, label_rule, read_records, read_sft_examples
+    from simulator.tuning_data import RECORD_KEYS, label_rule, label_v1, read_records, read_sft_examples
 
     sim_dir = tmp_path / "sim"
     out = run_cli(
@@ -61,6 +61,16 @@ def test_collection_writes_records_with_every_field(synthetic_world, tmp_path):
     train = read_sft_examples(sim_dir / "data" / "sft_train.jsonl")
     assert len(train) == sum(r["in_dataset"] and r["split"] == "train" for r in rows)
     assert all(e["completion"].startswith("Doc 1: ") for e in train)
+
+    # The same searches labelled again by the paper's v1 rule, without collecting: only the labels change.
+    run_cli("launch.collect_sim_data", f"data.dir={synthetic_world['corpus'].parent}", f"simulation.dir={sim_dir}",
+            f"hydra.run.dir={tmp_path / 'logs'}", "simulation.collect.relabel=true", "simulation.collect.label=v1",
+            "simulation.collect.balance=false", "simulation.collect.val_fraction=0.25")
+    relabelled = read_records(sim_dir / "data" / "records.jsonl")
+    assert [(r.question, r.query, r.documents) for r in relabelled] == [(r["question"], r["query"], r["documents"])
+                                                                         for r in rows]
+    assert all(r.label == label_v1(r) for r in relabelled)
+    assert json.loads((sim_dir / "data" / "summary.json").read_text())["labelling"]["rule"] == "v1"
 
 
 def _write_sft_files(world, data_dir, n_train: int, n_val: int) -> None:
