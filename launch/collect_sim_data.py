@@ -52,9 +52,11 @@ def final_answer(trajectory) -> tuple[str | None, bool]:
     return answer, answer is not None and substring_match(answer, trajectory.golden_answers) > 0
 
 
-def records_of(trajectory, question_id: str, question: str, sample: int, engine: str) -> list[SearchRecord]:
-    """One record per search the episode made, all carrying the episode's final answer and its correctness."""
-    answer, correct = final_answer(trajectory)
+def records_of(trajectory, question_id: str, question: str, sample: int, engine: str,
+               answer: tuple[str | None, bool] | None = None) -> list[SearchRecord]:
+    """One record per search the episode made, all carrying the episode's final answer and its correctness
+    (``final_answer(trajectory)``, computed here unless the caller has it)."""
+    answer, correct = answer or final_answer(trajectory)
     stats = trajectory.stats
     return [SearchRecord(question=question, golden_answers=list(trajectory.golden_answers), query=query,
                          documents=list(documents), final_answer=answer, correct=bool(correct),
@@ -68,6 +70,7 @@ def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) 
 
     from actors.dataset import load_qa
     from actors.rollout import EpisodeRequest, RolloutActor
+    from launch.train import policy_engine_options
     from simulator.simulated import build_search_engine
 
     c = cfg.simulation.collect
@@ -77,13 +80,10 @@ def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) 
     search = dataclasses.replace(cfg.search, engine=c.engine, top_k=c.top_k)
     factory = functools.partial(build_search_engine, search, cfg.simulator, None, str(corpus_file))
     rollout_cfg = dataclasses.replace(cfg.rollout, episode=dataclasses.replace(cfg.rollout.episode, top_k=c.top_k))
-    engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
-                         gpu_memory_utilization=cfg.cluster.gpu_memory_utilization, seed=cfg.seed,
-                         tensor_parallel_size=cfg.cluster.rollout_tensor_parallel,
-                         # Safe here, unlike in training: the weights never change. Every prompt shares the
-                         # instruction, and each turn re-sends the previous one.
-                         enable_prefix_caching=True)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, cfg.cluster.vllm_cpu_kvcache_gb)))}
+    engine_kwargs, env = policy_engine_options(cfg)
+    # Safe here, unlike in training: the weights never change. Every prompt shares the instruction, and each turn
+    # re-sends the previous one.
+    engine_kwargs["enable_prefix_caching"] = True
     actors = [ray.remote(RolloutActor).options(num_cpus=1, num_gpus=cfg.cluster.rollout_gpus, max_concurrency=10_000)
               .remote(policy_path, engine_kwargs, factory, rollout_cfg, env) for _ in range(c.engines)]
     ray.get([a.ready.remote() for a in actors], timeout=cfg.cluster.actor_start_timeout_s)
@@ -106,9 +106,10 @@ def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) 
                 group = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
                 for sample, trajectory in enumerate(group):
                     example = by_uid[trajectory.group_id]
-                    records += records_of(trajectory, example.uid, example.question, sample, c.engine)
+                    outcome = final_answer(trajectory)
+                    records += records_of(trajectory, example.uid, example.question, sample, c.engine, outcome)
                     episodes += 1
-                    correct += final_answer(trajectory)[1]
+                    correct += outcome[1]
         print(f"collect: {min(start + step, len(requests))}/{len(requests)} questions, {len(records)} searches",
               flush=True)
     for a in actors:

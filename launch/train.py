@@ -164,10 +164,7 @@ class Cluster:
             self.pool = create_simulator_pool(sim_cfg)
         # A picklable recipe: each rollout actor builds its own engine in its own process.
         search_factory = functools.partial(build_search_engine, cfg.search, sim_cfg, self.pool, corpus_path)
-        engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
-                             gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
-                             tensor_parallel_size=c.rollout_tensor_parallel)
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb)))}
+        engine_kwargs, env = policy_engine_options(cfg)
         validation_factory = None
         if cfg.train.val_every and cfg.train.val_engine != cfg.search.engine:
             real = dataclasses.replace(cfg.search, engine=cfg.train.val_engine)
@@ -493,6 +490,15 @@ def kl_penalty(cfg: Config) -> str:
     if cfg.train.kl_penalty == "auto":
         return "reward" if cfg.train.algorithm == "ppo" else "loss"
     return cfg.train.kl_penalty
+
+
+def policy_engine_options(cfg: Config) -> tuple[dict, dict[str, str]]:
+    """The vLLM engine arguments and the environment of a policy ``RolloutActor``, from the model and cluster groups."""
+    c = cfg.cluster
+    engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
+                         gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
+                         tensor_parallel_size=c.rollout_tensor_parallel)
+    return engine_kwargs, {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb)))}
 
 
 def init_ray(cfg: Config) -> None:
