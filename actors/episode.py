@@ -8,11 +8,20 @@ History is never re-tokenized: sampled token ids are kept exactly as the engine 
 appended after them, and ``loss_mask`` records which is which. The original decoded, cut and re-tokenized each turn,
 which can change tokens and loses the engine's logprobs.
 
+Two edges, decided here:
+- A turn that ends at EOS but is followed by an observation (an invalid action before the last turn) loses its EOS:
+  kept, the next turn would be conditioned on an end of turn in mid-trajectory and the EOS trained with mask 1 as if
+  it had ended the episode. The original lost it too, by decoding with ``skip_special_tokens``.
+- A generation that times out (``RolloutConfig.generate_timeout_s``) ends that episode only, with finish reason
+  ``error``: it keeps what it had, every token gets loss mask 0 (it trains nothing, though its reward, usually 0,
+  still counts in its group's baseline), and it is counted in ``episode/errors``.
+
 The engine that generates is passed in as a function, so this core runs without vLLM in unit tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -81,6 +90,7 @@ async def run_episode(
     loss_mask: list[int] = []
     logprobs: list[float] = []
     stats = EpisodeStats()
+    eos_id = getattr(tokenizer, "eos_token_id", None)
 
     def append(ids: list[int], mask: int, lps: list[float] | None = None) -> None:
         response_ids.extend(ids)
@@ -93,17 +103,26 @@ async def run_episode(
             stats.finish_reason = "length"
             break
         started = time.perf_counter()
-        generation = await generate(prompt_ids + response_ids, budget)
+        try:
+            generation = await generate(prompt_ids + response_ids, budget)
+        except (TimeoutError, asyncio.TimeoutError):  # one slow episode must not end the step
+            stats.generation_s += time.perf_counter() - started
+            stats.finish_reason = "error"
+            stats.error = f"generation of turn {turn + 1} timed out"
+            break
         stats.generation_s += time.perf_counter() - started
         stats.turns += 1
         stats.generated_tokens += len(generation.token_ids)
-        append(generation.token_ids, 1, generation.logprobs)
 
         action = parse_action(tokenizer.decode(generation.token_ids, skip_special_tokens=True))
         if action.kind == "invalid":
             stats.invalid_actions += 1
         else:
             stats.valid_actions += 1
+        ids, lps = generation.token_ids, generation.logprobs
+        if action.kind != "answer" and turn < cfg.max_turns and ids and ids[-1] == eos_id:
+            ids, lps = ids[:-1], lps[:-1]  # an observation follows: no end of turn inside the trajectory
+        append(ids, 1, lps)
         if action.kind == "answer":
             stats.answered = True
             stats.finish_reason = "answer"
@@ -132,6 +151,10 @@ async def run_episode(
             stats.finish_reason = "length"
             break
 
+    if stats.finish_reason == "error":
+        loss_mask[:] = [0] * len(loss_mask)
+        if not response_ids:  # the learner needs one response token; an end of turn it is not trained on
+            append([eos_id if eos_id is not None else 0], 0)
     response_text = tokenizer.decode(response_ids, skip_special_tokens=True)
     if cfg.reward_metric == "even_token_share":
         reward = even_token_share(response_ids, loss_mask)

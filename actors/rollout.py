@@ -26,7 +26,8 @@ class RolloutConfig:
     Attributes:
         temperature, top_p, top_k: training sampling (paper: 1.0, 0.95, -1); evaluation uses greedy decoding.
         max_prompt_tokens: prompts are left-truncated to this many tokens.
-        generate_timeout_s: one generation call; past it the episode ends with finish reason ``error``.
+        generate_timeout_s: one generation call; past it that episode ends with finish reason ``error`` and trains
+            nothing (loss mask 0), and the others go on (``actors/episode.py``).
         guided_first_turn_regex: if set, the first generation is constrained to this regex (structured outputs).
             For tests with random models, which never write ``</search>`` by chance.
         episode: per-episode limits (turns, token budgets, reward metric).
@@ -68,6 +69,9 @@ class PolicyEngine:
         self.search_engine = search_engine
         self.max_model_len = engine_kwargs.get("max_model_len", 4096)
         self.policy_version = 0
+        self.weights_checksum: float | None = None  # of the last version loaded (None: the start-up checkpoint)
+        # Fault injection for tests: ignore every weight load, as an engine stuck on old weights would.
+        self.skip_weight_loads = False
 
     def prompt_ids(self, question: str) -> list[int]:
         return prompt_token_ids(question, self.tokenizer, self.cfg.max_prompt_tokens)
@@ -150,10 +154,25 @@ class PolicyEngine:
 
     async def load_weights(self, path: str, version: int, timeout_s: float) -> float:
         started = time.perf_counter()
-        await asyncio.wait_for(self.llm.collective_rpc("load_policy_weights", args=(path,)), timeout=timeout_s)
+        if self.skip_weight_loads:
+            return 0.0
+        loaded = await asyncio.wait_for(self.llm.collective_rpc("load_policy_weights", args=(path,)),
+                                        timeout=timeout_s)
         await self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-        self.policy_version = version
+        self._loaded(version, loaded)
         return time.perf_counter() - started
+
+    def _loaded(self, version: int, per_worker: list[dict[str, float]]) -> None:
+        """Record what every worker loaded; tensor-parallel workers each load the whole published state."""
+        sums = {round(w["checksum"], 6) for w in per_worker}
+        if len(sums) != 1:
+            raise RuntimeError(f"the workers of this engine loaded different weights for version {version}: {sums}")
+        self.policy_version = version
+        self.weights_checksum = per_worker[0]["checksum"]
+
+    def weights_state(self) -> dict[str, Any]:
+        """The version this engine serves and the checksum of the weights it loaded for it."""
+        return {"version": self.policy_version, "checksum": self.weights_checksum}
 
     async def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                 backend: str, timeout_s: float) -> list[int]:
@@ -169,10 +188,10 @@ class PolicyEngine:
     async def receive_weights(self, manifest: dict, bucket_bytes: int, version: int, timeout_s: float) -> float:
         """Receive one broadcast version in place, while the learners send it."""
         started = time.perf_counter()
-        await asyncio.wait_for(self.llm.collective_rpc("receive_policy_weights", args=(manifest, bucket_bytes)),
-                               timeout=timeout_s)
+        received = await asyncio.wait_for(
+            self.llm.collective_rpc("receive_policy_weights", args=(manifest, bucket_bytes)), timeout=timeout_s)
         await self.llm.reset_prefix_cache()
-        self.policy_version = version
+        self._loaded(version, received)
         return time.perf_counter() - started
 
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -216,9 +235,11 @@ class RolloutActor:
     """Thin Ray shell over ``PolicyEngine``. Created with ``ray.remote(RolloutActor).options(...)`` by the driver."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], search_factory: Any, cfg: RolloutConfig,
-                 env: dict[str, str] | None = None, validation_search_factory: Any = None) -> None:
+                 env: dict[str, str] | None = None, validation_search_factory: Any = None,
+                 skip_weight_loads: bool = False) -> None:
         os.environ.update(env or {})
         self.core = PolicyEngine(model, engine_kwargs, search_factory(), cfg)
+        self.core.skip_weight_loads = skip_weight_loads
         # A second, real engine for validation next to the simulator (``train.val_every``).
         self.validation_search = validation_search_factory() if validation_search_factory else None
 
@@ -265,6 +286,9 @@ class RolloutActor:
 
     async def policy_version(self) -> int:
         return self.core.policy_version
+
+    async def weights_state(self) -> dict[str, Any]:
+        return self.core.weights_state()
 
 
 def _with_seed(request: EpisodeRequest, seed: int) -> EpisodeRequest:

@@ -17,6 +17,7 @@ class EpisodeStats:
     invalid_actions: int = 0
     answered: bool = False
     finish_reason: str = ""  # answer | max_turns | length | error
+    error: str = ""  # why a generation failed (finish reason error)
     generated_tokens: int = 0
     observation_tokens: int = 0
     generation_s: float = 0.0

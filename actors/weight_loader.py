@@ -12,22 +12,41 @@ reload; the weight-sync test compares a reloaded engine with the learner to keep
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from torch import Tensor
+
+
+def weights_checksum(tensors: Iterable[Tensor]) -> float:
+    """Σ|x| over every element in float64, of the tensors an engine loaded. The learner sums what it publishes or
+    sends the same way (``learners/weight_broadcast.weights_checksum``) and the driver compares the two after every
+    sync: an engine that kept old weights, or got a corrupted tensor, differs."""
+    return float(sum(float(t.detach().double().abs().sum()) for t in tensors))
+
 
 class WeightLoaderExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``); methods run inside each worker process."""
 
-    def load_policy_weights(self, path: str) -> int:
+    def load_policy_weights(self, path: str) -> dict[str, float]:
+        """Reload from ``path``; returns the tensors loaded and the Σ|x| checksum of what was read (the driver compares
+        it with the learner's, ``learners/weight_broadcast.weights_checksum``)."""
         from safetensors import safe_open
         from vllm.config import set_current_vllm_config
+
+        loaded = {"tensors": 0, "checksum": 0.0}
 
         def tensors():
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    loaded["tensors"] += 1
+                    loaded["checksum"] += weights_checksum([tensor])
+                    yield name, tensor
 
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.reload_weights(weights_iterator=tensors())
-            return self._repack_embedding_gemms()
+            self._repack_embedding_gemms()
+        return loaded
 
     def _repack_embedding_gemms(self) -> int:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm

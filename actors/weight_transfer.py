@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from actors.weight_loader import WeightLoaderExtension
+from actors.weight_loader import WeightLoaderExtension, weights_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -401,9 +401,10 @@ class WeightTransferExtension(WeightLoaderExtension):
         return len(specs)
 
     def receive_policy_weights(self, manifest: Mapping[str, Sequence],
-                               bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
-        """Receive one policy version and load it in place; returns the number of tensors loaded. Runs while the
-        learner ranks run ``WeightBroadcaster.broadcast`` with the same manifest and ``bucket_bytes``."""
+                               bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict[str, float]:
+        """Receive one policy version and load it in place; returns the number of tensors loaded and the
+        ``weights_checksum`` of what was received. Runs while the learner ranks run ``WeightBroadcaster.broadcast``
+        with the same manifest and ``bucket_bytes``."""
         channel = getattr(self, "_weight_channel", None)
         if channel is None or not channel.is_open:
             raise RuntimeError("no weight-sync group: call init_weight_group first")
@@ -412,13 +413,14 @@ class WeightTransferExtension(WeightLoaderExtension):
         if expected is not None:
             check_manifest(specs, expected, allow_missing)
         stream = receive_weights(channel, specs, bucket_bytes)
-        loaded = 0
+        loaded, checksum = 0, 0.0
 
         def counted() -> Iterator[tuple[str, Tensor]]:
-            nonlocal loaded
-            for pair in stream:
+            nonlocal loaded, checksum
+            for name, tensor in stream:
                 loaded += 1
-                yield pair
+                checksum += weights_checksum([tensor])
+                yield name, tensor
 
         try:
             self._load_received(counted())
@@ -430,7 +432,7 @@ class WeightTransferExtension(WeightLoaderExtension):
         if loaded != len(specs):
             self._drain(stream, channel)
             raise RuntimeError(f"model.load_weights consumed {loaded} of {len(specs)} published tensors")
-        return loaded
+        return {"tensors": loaded, "checksum": checksum}
 
     def close_weight_group(self) -> None:
         channel, self._weight_channel = getattr(self, "_weight_channel", None), None

@@ -10,6 +10,7 @@ import statistics
 
 import torch
 
+from actors.rollout import EpisodeRequest
 from actors.trajectory import Trajectory
 from learners import algorithms as A
 from learners.batch import LearnerSample
@@ -18,14 +19,24 @@ from learners.engine import pad_rows
 ALGORITHMS = A.ALGORITHMS
 
 
+def episode_requests(prompts: list, seed: int, step: int, first_index: int = 0) -> list[EpisodeRequest]:
+    """One request per drawn prompt, each with its own group id and seed.
+
+    A group id names one draw, not one question: when the sampler wraps an epoch inside a step the same question can
+    be drawn twice, and keyed by its uid the two groups would merge into one group of 2G. ``first_index`` numbers
+    the prompts of a refill round after those of the step's earlier rounds."""
+    return [EpisodeRequest(f"{p.uid}@{step}.{first_index + i}", p.question, p.golden_answers, p.data_source,
+                           seed=seed * 1_000_003 + step * 1000 + first_index + i) for i, p in enumerate(prompts)]
+
+
 def learner_samples(trajectories: list[Trajectory]) -> list[LearnerSample]:
-    """Learner records carrying the rollout logprobs as the behaviour policy: with one PPO epoch on fresh weights the
-    ratio is then the engine-vs-learner mismatch (and, with ``train.max_staleness`` > 0, the lag), which the clip
-    keeps bounded. Advantages come later, from ``assign_advantages``, once values and reference logprobs exist."""
+    """Learner records carrying the engine's logprobs as ``rollout_logprobs``. Where the PPO ratio's old logprobs come
+    from is the driver's choice (``launch.train.old_logprobs_source``). Advantages come later, from
+    ``assign_advantages``, once values and reference logprobs exist."""
     samples = []
     for t in trajectories:
         sample = LearnerSample(input_ids=t.prompt_ids + t.response_ids, prompt_len=len(t.prompt_ids),
-                               loss_mask=list(t.loss_mask), old_logprobs=list(t.rollout_logprobs),
+                               loss_mask=list(t.loss_mask), rollout_logprobs=list(t.rollout_logprobs),
                                policy_version=t.policy_version)
         sample.validate()
         samples.append(sample)
@@ -74,4 +85,5 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
         "episode/valid_action_share": sum(t.stats.valid_actions for t in trajectories) / max(turns, 1),
         "episode/answered_share": mean(1.0 if t.stats.answered else 0.0 for t in trajectories),
         "episode/turns_mean": mean(t.stats.turns for t in trajectories),
+        "episode/errors": float(sum(t.stats.finish_reason == "error" for t in trajectories)),
     }

@@ -10,13 +10,15 @@ order as in the on-policy loop, and each batch keeps the sampler's state right a
 sampler's live state (already past the prefetched steps), is what a checkpoint of that step must save.
 
 Dynamic filtering (``train.dynamic_filter``) happens here too: a group whose rewards are all equal has zero GRPO
-advantage and teaches nothing, so it is dropped and replaced by groups of fresh prompts.
+advantage and teaches nothing, so it is dropped and replaced by groups of fresh prompts. The batch still records the
+reward of every episode rolled: that, not the kept groups' mean, is how well the policy did this step.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import copy
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -37,11 +39,17 @@ class StepBatch:
     groups_rolled: int = 0
     groups_kept: int = 0
     rounds: int = 1
+    rolled_rewards: list[float] = field(default_factory=list)  # every episode rolled, kept by the filter or not
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def pass_rate(self) -> float:
         return self.groups_kept / max(self.groups_rolled, 1)
+
+    @property
+    def score_mean(self) -> float:
+        """Mean reward over every episode rolled for this step: what is logged and what the curriculum observes."""
+        return statistics.fmean(self.rolled_rewards)
 
 
 def informative_groups(trajectories: list) -> tuple[list, int, int]:
@@ -103,14 +111,16 @@ class RolloutQueue:
         noise_prob = self.curriculum.noise_prob(step)
         prompts = self.sampler.next(self.prompts_per_step)
         trajectories = self.rollout(prompts, noise_prob, step, 0)
-        batch = StepBatch(step, trajectories, noise_prob, [p.uid for p in prompts], {}, 0.0)
+        batch = StepBatch(step, trajectories, noise_prob, [p.uid for p in prompts], {}, 0.0,
+                          rolled_rewards=[t.reward for t in trajectories])
         if self.dynamic_filter:
             kept, rolled, n_kept = informative_groups(trajectories)
             first_index = len(prompts)
             while n_kept < self.prompts_per_step and batch.rounds <= self.filter_rounds:
                 more = self.sampler.next(self.prompts_per_step - n_kept)
-                fresh, fresh_rolled, fresh_kept = informative_groups(self.rollout(more, noise_prob, step,
-                                                                                  first_index))
+                refill = self.rollout(more, noise_prob, step, first_index)
+                batch.rolled_rewards += [t.reward for t in refill]
+                fresh, fresh_rolled, fresh_kept = informative_groups(refill)
                 first_index += len(more)
                 kept, rolled, n_kept = kept + fresh, rolled + fresh_rolled, n_kept + fresh_kept
                 batch.prompt_uids += [p.uid for p in more]

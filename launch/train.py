@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -38,6 +39,10 @@ register_configs()
 
 class CanaryError(RuntimeError):
     """The engines' logprobs disagree with the learner's after a weight sync."""
+
+
+class WeightSyncError(RuntimeError):
+    """An engine does not serve the version (or the weights) the learners just published."""
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -169,12 +174,15 @@ class Cluster:
         if cfg.train.val_every and cfg.train.val_engine != cfg.search.engine:
             real = dataclasses.replace(cfg.search, engine=cfg.train.val_engine)
             validation_factory = functools.partial(build_search_engine, real, sim_cfg, None, corpus_path)
+        # Fault injection for tests: this engine ignores every weight load (the sync check must name it).
+        stuck = int(os.environ.get("ZEROSEARCH_FAULT_SKIP_WEIGHT_LOADS", "-1"))
         self.engines = [
             ray.remote(RolloutActor).options(num_cpus=1, num_gpus=c.rollout_gpus, max_concurrency=10_000)
-            .remote(policy_path, engine_kwargs, search_factory, cfg.rollout, env, validation_factory)
-            for _ in range(c.rollout_engines)
+            .remote(policy_path, engine_kwargs, search_factory, cfg.rollout, env, validation_factory,
+                    skip_weight_loads=k == stuck)
+            for k in range(c.rollout_engines)
         ]
-        learner_cfg = dataclasses.replace(cfg.learner, total_steps=cfg.train.total_steps)
+        learner_cfg = cfg.learner  # its total_steps is ${train.total_steps} unless set on purpose
         # A KL penalty in the reward replaces the KL loss term; the coefficient is the same key either way.
         self.kl_in_reward = learner_cfg.kl_coef if kl_penalty(cfg) == "reward" else 0.0
         policy_cfg = dataclasses.replace(learner_cfg, kl_coef=0.0) if self.kl_in_reward else learner_cfg
@@ -184,8 +192,7 @@ class Cluster:
         if cfg.train.algorithm == "ppo":
             from learners.critic import Critic
 
-            critic_cfg = dataclasses.replace(cfg.critic, total_steps=cfg.train.total_steps)
-            self.critic = LearnerGroup(Critic, c.critics, policy_path, critic_cfg, num_cpus=1,
+            self.critic = LearnerGroup(Critic, c.critics, policy_path, cfg.critic, num_cpus=1,
                                        num_gpus=c.critic_gpus, timeout_s=timeout)
         self.reference = None
         if learner_cfg.kl_coef > 0:
@@ -244,12 +251,11 @@ class Cluster:
         episode of a step has its own seed."""
         import ray
 
-        from actors.rollout import EpisodeRequest
+        from launch.batching import episode_requests
 
         started = time.perf_counter()
         deadline = started + self.cfg.train.rollout_timeout_s
-        requests = [EpisodeRequest(p.uid, p.question, p.golden_answers, p.data_source, seed=self.cfg.seed * 1_000_003
-                                   + step * 1000 + first_index + i) for i, p in enumerate(prompts)]
+        requests = episode_requests(prompts, self.cfg.seed, step, first_index)
         group_size = 1 if temperature == 0.0 else self.cfg.train.group_size  # greedy: one answer per question
         streams = [engine.rollout.options(num_returns="streaming").remote(
                    requests[k::len(self.engines)], group_size, noise_prob, temperature, validation_engine)
@@ -281,19 +287,23 @@ class Cluster:
 
         t = self.cfg.train
         samples = learner_samples(trajectories)
+        metrics: dict[str, float] = {}
         if self.reference is not None:
             ref = ray.get(self.reference.logprobs.remote(samples), timeout=self.cfg.cluster.actor_start_timeout_s)
             for sample, logprobs in zip(samples, ref):
                 sample.ref_logprobs = logprobs
-        if self.cfg.learner.tis_cap is not None:
-            # The PPO ratio is then taken against the learner's own current logprobs; the engine's are kept for the
-            # truncated importance weight.
+        source = old_logprobs_source(self.cfg, len(samples))
+        if source == "learner":
             for sample, logprobs in zip(samples, self.learners.logprobs(samples)):
-                sample.rollout_logprobs, sample.old_logprobs = sample.old_logprobs, logprobs
+                sample.old_logprobs = logprobs
+            metrics["rollout/engine_vs_learner_logprob_gap"] = _masked_gap(samples)
+        elif source == "engine":
+            for sample in samples:
+                sample.old_logprobs = list(sample.rollout_logprobs)
         if self.critic is not None:
             for sample, values in zip(samples, self.critic.values(samples)):
                 sample.old_values = values
-        metrics = assign_advantages(samples, trajectories, t.algorithm, self.kl_in_reward, t.gamma, t.lam)
+        metrics.update(assign_advantages(samples, trajectories, t.algorithm, self.kl_in_reward, t.gamma, t.lam))
         return samples, metrics
 
     def update(self, samples) -> tuple[dict[str, float], float]:
@@ -316,12 +326,15 @@ class Cluster:
             path = self.learners.publish_weights(str(self.weights_dir), version)
             ray.get([e.load_weights.remote(path, version, timeout) for e in self.engines], timeout=timeout)
             _remove_older_weights(self.weights_dir, keep=path)
+            published = self.learners.published_checksum()
         else:  # learners send while engines receive; neither side finishes alone
             bucket_bytes = self.cfg.cluster.weight_sync_bucket_mb * 2**20
-            ray.get(self.learners.broadcast_weights(self.manifest)
-                    + [e.receive_weights.remote(self.manifest, bucket_bytes, version, timeout) for e in self.engines],
-                    timeout=timeout)
+            sends = self.learners.broadcast_weights(self.manifest)
+            results = ray.get(sends + [e.receive_weights.remote(self.manifest, bucket_bytes, version, timeout)
+                                       for e in self.engines], timeout=timeout)
+            published = results[0]["checksum"]  # learner rank 0 sent it
         elapsed = time.perf_counter() - started
+        self._check_loaded(version, published)
         canary = LearnerSample(input_ids=self.canary_ids, prompt_len=1, loss_mask=[1] * (len(self.canary_ids) - 1))
         [learner_lp] = self.learners.logprobs([canary])
         engine_lps = ray.get([e.prompt_logprobs.remote(self.canary_ids) for e in self.engines], timeout=timeout)
@@ -331,6 +344,23 @@ class Cluster:
                               f"nats/token (train.canary_tolerance={self.cfg.train.canary_tolerance})")
         return {"timing_s/sync": elapsed, "sync/canary_gap": gap, "sync/canary_moved": _mean_abs_gap(before,
                                                                                                      engine_lps[0])}
+
+    def _check_loaded(self, version: int, published: float) -> None:
+        """Every engine reports serving ``version``, and the checksum of what it loaded equals the learner's.
+
+        The canary alone cannot tell: at the paper's lr 1e-6 an update moves logprobs far less than its tolerance,
+        so an engine left on the previous weights would pass it."""
+        import ray
+
+        states = ray.get([e.weights_state.remote() for e in self.engines], timeout=self.cfg.train.sync_timeout_s)
+        for k, state in enumerate(states):
+            same_sum = state["checksum"] is not None and math.isclose(state["checksum"], published, rel_tol=1e-9)
+            if state["version"] != version or not same_sum:
+                raise WeightSyncError(
+                    f"rollout engine {k} of {len(self.engines)} serves policy version {state['version']} with weights "
+                    f"checksum {state['checksum']}, but the learners published version {version} with checksum "
+                    f"{published}: the engine did not load the new weights (cluster.weight_sync="
+                    f"{self.cfg.cluster.weight_sync})")
 
     def raw_throughput(self, trajectories, rollout_tokens_per_s: float) -> dict[str, float]:
         """Plain vLLM ``generate`` at the last step's volume (its prompts, its mean tokens per episode), on the same
@@ -394,6 +424,9 @@ def _step_metrics(batch, train_metrics, sync_metrics, t_train, t_step, t_wait, t
 
     trajectories = batch.trajectories
     metrics = rollout_metrics(trajectories)
+    # The policy's score is over every group rolled; with dynamic filtering the groups trained on are a biased subset.
+    metrics["critic/score/kept_mean"] = metrics["critic/score/mean"]
+    metrics["critic/score/mean"] = batch.score_mean
     metrics.update({k: float(v) for k, v in train_metrics.items()})
     metrics.update(sync_metrics)
     generated = sum(t.stats.generated_tokens for t in trajectories)
@@ -492,6 +525,23 @@ def kl_penalty(cfg: Config) -> str:
     return cfg.train.kl_penalty
 
 
+def old_logprobs_source(cfg: Config, batch_size: int) -> str:
+    """Where the PPO ratio's log π_old comes from for an update of ``batch_size`` trajectories (docs/training.md).
+
+    ``none``: on-policy with one optimizer step, π_old is the learner's own π_θ before the step, so the ratio is 1
+    by construction and the learner takes it from the forward it runs anyway (no extra pass). ``learner``: the
+    learners recompute it before the update (verl's ``old_log_prob``): when an update takes several optimizer steps
+    (mini-batches, epochs), when the KL goes in the reward (it reads π_old), or for TIS. ``engine``: off-policy
+    without TIS, the engine's logprobs are the behaviour policy, and the ratio itself corrects the lag.
+    """
+    if cfg.train.max_staleness > 0 and cfg.learner.tis_cap is None:
+        return "engine"
+    if (cfg.learner.tis_cap is not None or kl_penalty(cfg) == "reward"
+            or cfg.learner.optimizer_steps(batch_size) > 1):
+        return "learner"
+    return "none"
+
+
 def policy_engine_options(cfg: Config) -> tuple[dict, dict[str, str]]:
     """The vLLM engine arguments and the environment of a policy ``RolloutActor``, from the model and cluster groups."""
     c = cfg.cluster
@@ -522,6 +572,13 @@ def _weights_dir(run_dir: Path) -> Path:
     folder = base / f"zerosearch-ray-weights-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _masked_gap(samples) -> float:
+    """Mean |log π_engine − log π_learner| over the model tokens: how far the sampler's numbers are from the
+    learner's on the same weights (on CPU, fp32 both sides, this should be rounding noise)."""
+    gaps = [abs(e - o) for s in samples for e, o, m in zip(s.rollout_logprobs, s.old_logprobs, s.loss_mask) if m]
+    return statistics.fmean(gaps) if gaps else 0.0
 
 
 def _mean_abs_gap(a: list[float], b: list[float]) -> float:

@@ -93,7 +93,8 @@ def target_nll(logprobs: Sequence[Sequence[float]], samples: Sequence) -> float:
 def tune_config(cfg: Config):
     t = cfg.simulation.tune
     return dataclasses.replace(cfg.learner, lr=t.lr, warmup_steps=t.lr_warmup_steps, total_steps=t.steps,
-                               micro_batch_tokens=t.micro_batch_tokens, kl_coef=0.0, entropy_coef=0.0, ppo_epochs=1)
+                               micro_batch_tokens=t.micro_batch_tokens, kl_coef=0.0, entropy_coef=0.0, ppo_epochs=1,
+                               mini_batch_size=None)
 
 
 def latest_checkpoint(folder: Path) -> tuple[int, Path] | None:

@@ -107,7 +107,8 @@ def demonstration_samples(demos) -> list:
 def sft_config(cfg: Config):
     w = cfg.warmup
     return dataclasses.replace(cfg.learner, lr=w.lr, warmup_steps=w.lr_warmup_steps, total_steps=w.steps,
-                               micro_batch_tokens=w.micro_batch_tokens, kl_coef=0.0, entropy_coef=0.0, ppo_epochs=1)
+                               micro_batch_tokens=w.micro_batch_tokens, kl_coef=0.0, entropy_coef=0.0, ppo_epochs=1,
+                               mini_batch_size=None)
 
 
 def cache_key(cfg: Config, policy_path: str, files: list[Path]) -> str:

@@ -2,6 +2,7 @@
 
 Defaults are the paper's (spec section 7): AdamW lr 1e-6, betas (0.9, 0.999), weight decay 0.01, linear warmup then a
 constant rate, stepped once per RL step, grad clip 1.0, PPO clip 0.2, entropy 0.001, KL loss 0.001 with ``low_var_kl``.
+The paper's presets also split each RL step's 320 trajectories into mini-batches of 256 (``mini_batch_size``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ class LearnerConfig:
         adam_eps: AdamW's ε.
         weight_decay: AdamW's decoupled weight decay (0.01 in the paper), applied to every parameter as verl does.
         torch_adam: use torch's AdamW inside DeepSpeed instead of its fused kernel (needed on CPU; avoids a JIT build).
-        warmup_steps: optimizer steps of linear warmup, after which the rate stays constant. When None it is derived
-            as ``int(warmup_ratio * total_steps)``; the paper's 0.95 * 203 gives 192.
+        warmup_steps: updates (``train_step`` calls: RL steps) of linear warmup, after which the rate stays constant.
+            When None it is derived as ``int(warmup_ratio * total_steps)``; the paper's 0.95 * 203 gives 192. The rate
+            is the same for every mini-batch and epoch of one update, as verl steps its scheduler once per RL step.
         warmup_ratio: share of ``total_steps`` spent warming up, used only when ``warmup_steps`` is None.
-        total_steps: RL steps of the run, for ``warmup_ratio`` (the paper: 203).
+        total_steps: RL steps of the run, for ``warmup_ratio`` (the paper: 203). The training config interpolates it
+            from ``train.total_steps``; set it only to decouple the schedule from the run's length on purpose.
         grad_clip: clip the global gradient norm to this value (0 disables clipping).
         micro_batch_tokens: token budget of one micro-batch, padding included (rows × longest row). Samples are sorted
             by length and packed greedily; a sample longer than the budget gets a micro-batch of its own.
@@ -37,10 +40,14 @@ class LearnerConfig:
             0 turns the KL loss off (PPO puts its KL in the reward instead).
         kl_kind: KL estimator of the loss: ``k1``, ``k2``, ``k3``/``low_var_kl`` (see ``algorithms.kl_estimate``).
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
-        ppo_epochs: passes over the batch per RL step; each pass is one optimizer step.
-        tis_cap: truncated importance sampling. None: the PPO ratio is taken against the rollout logprobs directly.
-            C: the learners first recompute ``old_logprobs`` with their current weights, the PPO ratio is taken against
-            those, and each token's loss is weighted by min(π_old / π_rollout, C).
+        ppo_epochs: passes over the batch per RL step.
+        mini_batch_size: trajectories per optimizer step (global, over all data-parallel ranks), like verl's
+            ``ppo_mini_batch_size``; each pass over the batch takes ``ceil(batch / mini_batch_size)`` optimizer steps,
+            each a token mean over its own mini-batch. None: the whole batch is one mini-batch. The paper: 256 of
+            320, two optimizer steps per RL step.
+        tis_cap: truncated importance sampling against the engine's sampling distribution: each token's loss is
+            weighted by min(π_old / π_rollout, C), where π_old is the learner's (recomputed) and π_rollout the
+            engine's. None: no weight (see ``docs/training.md`` for where the PPO ratio's old logprobs come from).
         value_clip: the critic's value clip c (critic only): a value may move at most c from the one GAE used.
         offload_reference: keep the frozen reference model on the CPU between calls (GPU runs); no effect on CPU.
         reference_bf16: run the reference model in bfloat16 (else fp32).
@@ -72,6 +79,7 @@ class LearnerConfig:
     kl_kind: str = "low_var_kl"
     entropy_coef: float = 0.001
     ppo_epochs: int = 1
+    mini_batch_size: int | None = None
     tis_cap: float | None = None
     value_clip: float = 0.5
     offload_reference: bool = False
@@ -87,6 +95,10 @@ class LearnerConfig:
             return max(0, int(self.warmup_steps))
         return max(0, int(self.warmup_ratio * self.total_steps))
 
+    def optimizer_steps(self, batch_size: int) -> int:
+        """Optimizer steps one update of ``batch_size`` trajectories takes: mini-batches times epochs."""
+        return len(mini_batches(batch_size, self.mini_batch_size)) * self.ppo_epochs
+
     def validate(self) -> None:
         """Fail at start, naming the key, rather than deep inside DeepSpeed."""
         if self.zero_stage not in (0, 1, 2, 3):
@@ -101,5 +113,14 @@ class LearnerConfig:
             raise ValueError(f"learner.dual_clip must be > 1 or null, got {self.dual_clip}")
         if self.ppo_epochs < 1:
             raise ValueError(f"learner.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"learner.mini_batch_size must be >= 1 or null, got {self.mini_batch_size}")
         if self.kl_kind not in ("k1", "k2", "k3", "low_var_kl"):
             raise ValueError(f"learner.kl_kind must be one of k1, k2, k3, low_var_kl; got {self.kl_kind!r}")
+
+
+def mini_batches(batch_size: int, mini_batch_size: int | None) -> list[range]:
+    """Consecutive index ranges of at most ``mini_batch_size`` (None: one range over the batch). A remainder forms a
+    mini-batch of its own, as in verl (the paper's 320 in 256s: 256 and 64)."""
+    size = batch_size if not mini_batch_size else mini_batch_size
+    return [range(start, min(start + size, batch_size)) for start in range(0, batch_size, max(size, 1))]

@@ -81,17 +81,17 @@ class CriticTrainer(DeepSpeedCore):
             }
         return token_mean_loss(loss_tok, mask, n_global), sums
 
-    def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
+    def train_step(self, samples: Sequence[LearnerSample],
+                   mini_batches: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+        """``ppo_epochs`` passes of value regression, one optimizer step per mini-batch (as the policy's update)."""
         for s in samples:
             if len(s.returns) != s.response_len or len(s.old_values) != s.response_len:
                 raise ValueError(f"a critic sample needs returns and old_values for each of its {s.response_len} "
                                  f"response tokens, got {len(s.returns)} and {len(s.old_values)}")
-        metrics: dict[str, float] = {}
-        for _ in range(self.cfg.ppo_epochs):
-            lr = self.current_lr()
-            sums, n_global, _ = self._accumulate(samples, self._value_loss)
-            metrics = {f"critic/{k}": v / n_global for k, v in sums.items()}
-            metrics.update({"critic/grad_norm": self.grad_norm(), "critic/lr": lr})
+        sums, n_global, plan = self._update(samples, self._value_loss, mini_batches, self.cfg.ppo_epochs)
+        metrics = {f"critic/{k}": v / n_global for k, v in sums.items()}
+        update = self.update_metrics("critic", plan)
+        metrics.update({"critic/grad_norm": update["critic/grad_norm"], "critic/lr": update["critic/lr"]})
         return metrics
 
 

@@ -99,22 +99,37 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _all_reduce(value: float, op: dist.ReduceOp, device: torch.device) -> float:
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL reduces only CUDA tensors, gloo only CPU ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``tensor`` in place over the group, moving it to the backend's device and back."""
+    if world_size() == 1:
+        return tensor
+    on_device = tensor.to(collective_device())
+    dist.all_reduce(on_device, op=op)
+    tensor.copy_(on_device)
+    return tensor
+
+
+def _all_reduce(value: float, op: dist.ReduceOp) -> float:
     if world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return t.item()
+    return all_reduce_(torch.tensor([value], dtype=torch.float64), op).item()
 
 
-def all_reduce_sum(value: float, device: torch.device | str = "cpu") -> float:
+def all_reduce_sum(value: float) -> float:
     """Σ over ranks (token counts: the global denominator of the token-mean loss). float64 keeps counts exact."""
-    return _all_reduce(float(value), dist.ReduceOp.SUM, torch.device(device))
+    return _all_reduce(float(value), dist.ReduceOp.SUM)
 
 
-def all_reduce_max(value: float, device: torch.device | str = "cpu") -> float:
+def all_reduce_max(value: float) -> float:
     """max over ranks (the number of micro-batches every rank must run so collectives line up)."""
-    return _all_reduce(float(value), dist.ReduceOp.MAX, torch.device(device))
+    return _all_reduce(float(value), dist.ReduceOp.MAX)
 
 
 def barrier() -> None:

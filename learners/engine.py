@@ -32,6 +32,7 @@ from learners import distributed as D
 from learners.batch import LearnerSample
 from learners.config import LearnerConfig
 from learners.micro_batching import MicroBatchPlan, pack_by_token_budget
+from learners.weight_broadcast import weights_checksum
 
 CHECKPOINT_TAG = "deepspeed"
 WEIGHTS_PREFIX = "policy-v"
@@ -270,14 +271,18 @@ class DeepSpeedCore:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        warmup = cfg.resolved_warmup_steps()
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        # No DeepSpeed scheduler: it would step once per optimizer step, and an update may take several (mini-batches,
+        # epochs). The rate is a function of the update count instead, set at the start of each update.
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, warmup)),
         )
-        self.global_step = 0
+        self.global_step = 0  # optimizer steps
+        self.updates = 0  # train_step calls (RL steps); the learning-rate schedule counts these
+        self.step_log: list[dict[str, float]] = []  # the last update's optimizer steps: loss, grad norm, tokens
+        self.published_checksum: float | None = None  # weights_checksum of the last published weights (rank 0)
+        self._set_lr()
 
     def build_model(self, model_path: str) -> torch.nn.Module:
         """The trained module. fp32 weights in: DeepSpeed keeps them as the master copy and casts the module to bf16
@@ -305,12 +310,12 @@ class DeepSpeedCore:
             self.engine.train()
 
     def _accumulate(self, samples: Sequence[LearnerSample], loss_fn: Callable[[MicroBatch, float], tuple[Tensor, dict]]
-                    ) -> tuple[dict[str, float], float, MicroBatchPlan]:
+                    ) -> tuple[dict[str, float], float, MicroBatchPlan, float]:
         """Backward every micro-batch with an exact global token mean, then ONE optimizer step.
 
         ``loss_fn(mb, n_global)`` returns the micro-batch's share of the token-mean loss and a dict of metric SUMS
         over its masked tokens (keys ending in ``_max`` are maxima instead). Returns those all-reduced over ranks
-        (sum, or max), the global masked-token count, the plan.
+        (sum, or max), the global masked-token count, the plan, and the token-mean loss of the whole (global) batch.
         """
         if not samples:
             raise ValueError("train_step needs at least one sample on every data-parallel rank")
@@ -322,7 +327,7 @@ class DeepSpeedCore:
         if n_global <= 0:
             raise ValueError("the batch has no token with loss_mask == 1 on any rank: nothing to learn from")
         scale = float(D.world_size())  # DeepSpeed averages over ranks; the token mean wants their sum
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"_loss": 0.0}
         self.engine.train()
         for i in range(count):
             real = i < len(plan.batches)
@@ -334,6 +339,7 @@ class DeepSpeedCore:
                 loss = loss * 0.0  # keeps this rank's collectives in step with busier ranks
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             if real:
+                sums["_loss"] += float(loss.detach())
                 for key, value in stats.items():
                     combine = max if key.endswith("_max") else (lambda a, b: a + b)
                     sums[key] = combine(sums[key], float(value)) if key in sums else float(value)
@@ -343,9 +349,60 @@ class DeepSpeedCore:
             for op, keys in ((torch.distributed.ReduceOp.SUM, [k for k in sorted(sums) if not k.endswith("_max")]),
                              (torch.distributed.ReduceOp.MAX, [k for k in sorted(sums) if k.endswith("_max")])):
                 reduced = torch.tensor([sums[k] for k in keys] or [0.0], dtype=torch.float64)
-                torch.distributed.all_reduce(reduced, op=op)
+                D.all_reduce_(reduced, op)
                 sums.update(zip(keys, reduced.tolist()))
-        return sums, n_global, plan
+        loss = sums.pop("_loss")
+        return sums, n_global, plan, loss
+
+    def _set_lr(self) -> float:
+        """Linear warm-up over updates, then constant: every optimizer step of one update shares the rate."""
+        lr = self.cfg.lr * warmup_factor(self.updates, self.cfg.resolved_warmup_steps())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _update(self, samples: Sequence[LearnerSample], loss_fn: Callable[[MicroBatch, float], tuple[Tensor, dict]],
+                mini_batches: Sequence[Sequence[int]] | None = None, epochs: int = 1
+                ) -> tuple[dict[str, float], float, MicroBatchPlan]:
+        """One update: ``epochs`` passes over ``mini_batches`` (index lists into ``samples``; by default consecutive
+        runs of ``cfg.mini_batch_size``), one optimizer step per mini-batch, each a token mean over its mini-batch.
+
+        In a data-parallel group every rank passes the same number of mini-batches, each holding its share of the
+        global mini-batch (``LearnerGroup`` shards them). Returns the last pass's metric sums and masked-token count
+        over all its mini-batches, and the plan of its last mini-batch; ``step_log`` gets one entry per optimizer step.
+        """
+        from learners.config import mini_batches as consecutive
+
+        if mini_batches is None:
+            mini_batches = consecutive(len(samples), self.cfg.mini_batch_size)
+        lr = self._set_lr()
+        self.step_log = []
+        for epoch in range(epochs):
+            sums: dict[str, float] = {}
+            tokens = 0.0
+            for idx in mini_batches:
+                part, n, plan, loss = self._accumulate([samples[i] for i in idx], loss_fn)
+                for key, value in part.items():
+                    sums[key] = max(sums[key], value) if key.endswith("_max") and key in sums else \
+                        sums.get(key, 0.0) + value
+                tokens += n
+                self.step_log.append({"epoch": epoch, "loss": loss, "grad_norm": self.grad_norm(), "lr": lr,
+                                      "tokens": n, "micro_batches": float(len(plan.batches))})
+        self.updates += 1
+        return sums, tokens, plan
+
+    def update_metrics(self, prefix: str, plan: MicroBatchPlan) -> dict[str, float]:
+        """What the last update's optimizer steps report: its rate, the mean grad norm, tokens and micro-batches of
+        its last pass, and how many optimizer steps it took."""
+        last = [s for s in self.step_log if s["epoch"] == self.step_log[-1]["epoch"]]
+        return {
+            f"{prefix}/grad_norm": sum(s["grad_norm"] for s in last) / len(last),
+            f"{prefix}/lr": self.step_log[0]["lr"],
+            f"{prefix}/padding_share": plan.padding_share,
+            f"{prefix}/num_tokens": sum(s["tokens"] for s in last),
+            f"{prefix}/micro_batches": sum(s["micro_batches"] for s in last),
+            f"{prefix}/optimizer_steps": float(len(self.step_log)),
+        }
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -388,6 +445,7 @@ class DeepSpeedCore:
         path = directory / f"{WEIGHTS_PREFIX}{version:08d}.safetensors"
         state = self.full_state_dict()
         if D.rank() == 0:
+            self.published_checksum = weights_checksum(state.values())
             directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
             os.close(fd)
@@ -453,7 +511,7 @@ class DeepSpeedCore:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         D.barrier()
-        client_state = {"global_step": self.global_step, "torch_rng": torch.get_rng_state()}
+        client_state = {"global_step": self.global_step, "updates": self.updates, "torch_rng": torch.get_rng_state()}
         self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state=client_state)
         D.barrier()
         if D.rank() == 0:
@@ -465,10 +523,12 @@ class DeepSpeedCore:
         """Restore what ``save_checkpoint`` wrote: training continues as if it had never stopped."""
         load_path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG,
                                                               load_optimizer_states=True,
-                                                              load_lr_scheduler_states=True)
+                                                              load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {directory}")
         client_state = client_state or {}
         self.global_step = int(client_state.get("global_step", 0))
+        self.updates = int(client_state.get("updates", self.global_step))
+        self._set_lr()
         if "torch_rng" in client_state:
             torch.set_rng_state(client_state["torch_rng"])

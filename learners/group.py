@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import ray
 
 from learners.batch import LearnerSample
-from learners.config import LearnerConfig
+from learners.config import LearnerConfig, mini_batches
 
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -37,6 +37,7 @@ class LearnerGroup:
     def __init__(self, actor_cls, num_learners: int, model_path: str, cfg: LearnerConfig, num_cpus: float = 1,
                  num_gpus: float = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
+        self.cfg = cfg
         self.actors = [actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(rank, num_learners)
                        for rank in range(num_learners)]
         addr, port = ray.get(self.actors[0].master_address.remote(), timeout=timeout_s)
@@ -49,9 +50,23 @@ class LearnerGroup:
         return shard_by_tokens([len(s.input_ids) for s in samples], len(self.actors))
 
     def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
-        """One update over the whole batch; the metrics are global (identical on every rank), rank 0's are returned."""
-        shards = self._shards(samples)
-        results = self._get([a.train_step.remote([samples[i] for i in idx]) for a, idx in zip(self.actors, shards)])
+        """One update over the whole batch; the metrics are global (identical on every rank), rank 0's are returned.
+
+        The batch is cut into the global mini-batches first (``mini_batch_size``), and each mini-batch is sharded over
+        the ranks, so an optimizer step sees the same trajectories however many learners there are."""
+        ranks = len(self.actors)
+        local: list[list[LearnerSample]] = [[] for _ in range(ranks)]
+        local_batches: list[list[list[int]]] = [[] for _ in range(ranks)]
+        for batch in mini_batches(len(samples), self.cfg.mini_batch_size):
+            members = [samples[i] for i in batch]
+            if len(members) < ranks:
+                raise ValueError(f"a mini-batch of {len(members)} trajectories cannot feed {ranks} data-parallel "
+                                 f"learners: raise learner.mini_batch_size or the batch (train.prompts_per_step x "
+                                 f"train.group_size), or use fewer cluster.learners")
+            for rank, idx in enumerate(self._shards(members)):
+                local_batches[rank].append(list(range(len(local[rank]), len(local[rank]) + len(idx))))
+                local[rank].extend(members[i] for i in idx)
+        results = self._get([a.train_step.remote(local[r], local_batches[r]) for r, a in enumerate(self.actors)])
         return results[0]
 
     def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
@@ -62,7 +77,15 @@ class LearnerGroup:
         return self._per_token("values", samples)
 
     def _per_token(self, method: str, samples: Sequence[LearnerSample]) -> list[list[float]]:
-        """Shard the samples over the ranks, call ``method`` on each, and put the rows back in input order."""
+        """Shard the samples over the ranks, call ``method`` on each, and put the rows back in input order.
+
+        Fewer samples than ranks (the weight-sync canary is one): the idle ranks compute a copy of the first sample,
+        whose rows are dropped, so that ranks whose forwards are collective (ZeRO-3) still run in step."""
+        if len(samples) < len(self.actors):
+            shards = [[i] for i in range(len(samples))] + [[]] * (len(self.actors) - len(samples))
+            parts = self._get([getattr(a, method).remote([samples[idx[0] if idx else 0]])
+                               for a, idx in zip(self.actors, shards)])
+            return [part[0] for idx, part in zip(shards, parts) if idx]
         shards = self._shards(samples)
         parts = self._get([getattr(a, method).remote([samples[i] for i in idx])
                            for a, idx in zip(self.actors, shards)])
@@ -74,6 +97,10 @@ class LearnerGroup:
 
     def publish_weights(self, directory: str, version: int) -> str:
         return self._get([a.publish_weights.remote(str(directory), version) for a in self.actors])[0]
+
+    def published_checksum(self) -> float | None:
+        """``weights_checksum`` of the weights rank 0 last published (what every engine should report loading)."""
+        return self._get(self.actors[0].published_checksum.remote())
 
     def open_weight_group(self, *args) -> list:
         """Start every rank joining the broadcast group; returns the refs, to be awaited with the engines' joins."""

@@ -70,10 +70,13 @@ class PolicyTrainer(DeepSpeedCore):
             }
         return loss, sums
 
-    def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
-        """One RL update over ``samples`` (this rank's share of the batch): ``ppo_epochs`` optimizer steps.
+    def train_step(self, samples: Sequence[LearnerSample],
+                   mini_batches: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+        """One RL update over ``samples`` (this rank's share of the batch): ``ppo_epochs`` passes, one optimizer step
+        per mini-batch (``mini_batches``: index lists into ``samples``; default ``cfg.mini_batch_size`` runs).
 
-        Metrics are token means over the whole global batch (all ranks), taken during the last epoch's forward.
+        Metrics are token means over the whole global batch (all ranks), taken during the last epoch's forwards;
+        ``actor/grad_norm`` is the mean over that epoch's optimizer steps.
         """
         for s in samples:
             if len(s.advantages) != s.response_len:
@@ -81,19 +84,9 @@ class PolicyTrainer(DeepSpeedCore):
                                  f"got {len(s.advantages)}")
             if self.cfg.kl_coef > 0 and not s.ref_logprobs:
                 raise ValueError("kl_coef > 0 but a sample has no ref_logprobs (compute them with the reference model)")
-        metrics: dict[str, float] = {}
-        for _ in range(self.cfg.ppo_epochs):
-            lr = self.current_lr()
-            sums, n_global, plan = self._accumulate(samples, self._policy_loss)
-            metrics = {f"actor/{k}": v if k.endswith("_max") else v / n_global for k, v in sums.items()}
-            metrics.update({
-                "actor/grad_norm": self.grad_norm(),
-                "actor/lr": lr,
-                "actor/padding_share": plan.padding_share,
-                "actor/num_tokens": n_global,
-                "actor/micro_batches": float(len(plan.batches)),
-            })
-        return metrics
+        sums, n_global, plan = self._update(samples, self._policy_loss, mini_batches, self.cfg.ppo_epochs)
+        return {f"actor/{k}": v if k.endswith("_max") else v / n_global for k, v in sums.items()} | \
+            self.update_metrics("actor", plan)
 
 
 class LearnerActorShell:
@@ -121,11 +114,15 @@ class LearnerActorShell:
     def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
         return self.core.logprobs(samples)
 
-    def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
-        return self.core.train_step(samples)
+    def train_step(self, samples: Sequence[LearnerSample], mini_batches: Sequence[Sequence[int]] | None = None
+                   ) -> dict[str, float]:
+        return self.core.train_step(samples, mini_batches)
 
     def publish_weights(self, directory: str, version: int) -> str:
         return self.core.publish_weights(directory, version)
+
+    def published_checksum(self) -> float | None:
+        return self.core.published_checksum
 
     def open_weight_group(self, *args) -> None:
         self.core.open_weight_group(*args)

@@ -25,16 +25,12 @@ class SFTTrainer(DeepSpeedCore):
         nll = -token_logprobs(response_logits(self.engine, mb), mb.targets)
         return token_mean_loss(nll, mb.loss_mask, n_global), {"loss": masked_sum(nll.detach(), mb.loss_mask).item()}
 
-    def train_step(self, samples: Sequence[LearnerSample]) -> dict[str, float]:
-        lr = self.current_lr()
-        sums, n_global, plan = self._accumulate(samples, self._nll_loss)
-        return {
-            "sft/loss": sums["loss"] / n_global,
-            "sft/grad_norm": self.grad_norm(),
-            "sft/lr": lr,
-            "sft/padding_share": plan.padding_share,
-            "sft/num_tokens": n_global,
-        }
+    def train_step(self, samples: Sequence[LearnerSample],
+                   mini_batches: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+        sums, n_global, plan = self._update(samples, self._nll_loss, mini_batches)
+        update = self.update_metrics("sft", plan)
+        return {"sft/loss": sums["loss"] / n_global,
+                **{f"sft/{k}": update[f"sft/{k}"] for k in ("grad_norm", "lr", "padding_share", "num_tokens")}}
 
 
 class SFTLearnerActor(LearnerActorShell):

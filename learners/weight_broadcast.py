@@ -172,6 +172,13 @@ def _first_difference(declared: Manifest, actual: Manifest) -> str | None:
     return None
 
 
+def weights_checksum(tensors: Iterable[Tensor]) -> float:
+    """Σ|x| over every element in float64: what the engines report of the weights they loaded, so the driver can tell
+    an engine that loaded this version from one that kept old weights or got a corrupted tensor. The engine side
+    (``actors/weight_transfer.py``) computes the same sum over what it received."""
+    return float(sum(float(t.detach().double().abs().sum()) for t in tensors))
+
+
 def gather_zero3(tensors: Sequence[Tensor]) -> contextlib.AbstractContextManager:
     """Materialise ZeRO-3 partitioned parameters for the duration of the block (one all-gather for the whole list,
     collective over the learners' group); a no-op for ordinary tensors."""
@@ -241,7 +248,8 @@ class WeightBroadcaster:
         the broadcast group. ``manifest``, if given, is what the receivers were told: a model that no longer matches
         it raises ``ValueError`` (naming the parameter) before anything is sent.
 
-        Returns ``{"tensors", "buckets", "bytes", "seconds"}`` (``bytes`` is 0 on ranks that do not send).
+        Returns ``{"tensors", "buckets", "bytes", "seconds", "checksum"}`` (``bytes`` and ``checksum``, the
+        ``weights_checksum`` of what was sent, are 0 on ranks that do not send).
         """
         pairs = list(named_tensors)
         current = self.manifest(pairs)
@@ -250,18 +258,20 @@ class WeightBroadcaster:
         sizes = manifest_nbytes(current)
         plan = plan_buckets(sizes, self.bucket_bytes)
         started = time.perf_counter()
-        sent = 0
+        sent, checksum = 0, 0.0
         for k, (start, stop) in enumerate(plan):
             chunk = pairs[start:stop]
             # The packed copy is made inside the gather so the full parameters can be released before the broadcast.
             with self.gather([t for _, t in chunk]):
                 buffer = self._pack(chunk, current, start) if self.channel is not None else None
+                if buffer is not None:
+                    checksum += weights_checksum(t.to(wire_dtype_of(t.dtype, self.wire_dtype)) for _, t in chunk)
             if buffer is not None:
                 what = f"bucket {k + 1}/{len(plan)} ({chunk[0][0]} .. {chunk[-1][0]}, {buffer.numel()} bytes)"
                 self.channel.broadcast(buffer, 0, what)
                 sent += buffer.numel()
         return {"tensors": len(pairs), "buckets": len(plan), "bytes": sent,
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started, "checksum": checksum}
 
     def _pack(self, chunk: list[tuple[str, Tensor]], manifest: Manifest, start: int) -> Tensor:
         device = self.channel.device

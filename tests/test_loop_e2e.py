@@ -31,6 +31,10 @@ def test_ppo_trains_policy_and_critic_one_step(tmp_path):
                    "critic/reward_kl")
     assert row["critic/grad_norm"] > 0.0 and row["actor/grad_norm"] > 0.0
     assert row["critic/lr"] == pytest.approx(1e-5)  # the critic group, not the policy's learner=tiny
+    # The KL in the reward reads π_old, so the learners recomputed it: the ratio of this on-policy step is 1, and the
+    # fp32 engine sampled from the same distribution the learner computes.
+    assert row["actor/clip_frac"] == 0.0 and abs(row["actor/ratio_mean"] - 1.0) < 1e-4
+    assert row["rollout/engine_vs_learner_logprob_gap"] < 0.01
     # The KL went into the reward (train.kl_penalty=auto is `reward` for PPO), so the loss carries none of it.
     assert row["critic/reward_kl"] != 0.0
     # Whitened GAE over model tokens: mean 0 on the tokens it covers.
@@ -49,6 +53,10 @@ def test_reinforce_pp_and_rloo_one_step(tmp_path, algorithm):
     assert _finite(row, "actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm")
     assert row["actor/grad_norm"] > 0.0
     assert "critic/value_loss" not in row  # no critic outside PPO
+    # On-policy, one optimizer step: π_old is the learner's own π_θ, so the ratio is 1 and nothing is clipped (the
+    # engine's logprobs were the ratio's denominator before, and bf16 sampling put it at up to 1.73).
+    assert row["actor/clip_frac"] == 0.0 and abs(row["actor/ratio_mean"] - 1.0) < 1e-4
+    assert row["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4) and row["actor/optimizer_steps"] == 1.0
     if extra:
         assert row["critic/score/max"] == 0.0
         assert (row["data/filter_pass_rate"], row["data/rollout_rounds"], row["data/groups_rolled"]) == (0.0, 2.0, 4.0)

@@ -108,6 +108,10 @@ def test_dynamic_filter_refills_with_fresh_prompts_and_logs_the_pass_rate():
     assert (batch.groups_rolled, batch.groups_kept, batch.rounds) == (4, 2, 3)
     assert batch.pass_rate == pytest.approx(0.5)
     assert batch.sampler_state["position"] == 4
+    # The step's score is every rolled episode's (rewards 0,0 | 0,1 | 0,0 | 0,1), not the kept groups' (0,1 | 0,1).
+    assert batch.rolled_rewards == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert batch.score_mean == pytest.approx(0.25)
+    assert sum(t.reward for t in batch.trajectories) / len(batch.trajectories) == pytest.approx(0.5)
     queue.close()
 
 
@@ -144,6 +148,7 @@ def test_ppo_advantages_by_hand_with_zero_values_and_kl_in_reward():
     samples = learner_samples(trajectories)
     for s in samples:
         s.old_values = [0.0] * 4
+        s.old_logprobs = list(s.rollout_logprobs)  # as the driver sets them (old_logprobs_source)
         s.ref_logprobs = [lp - 0.2 if m else 0.0 for lp, m in zip(s.old_logprobs, s.loss_mask)]
     metrics = assign_advantages(samples, trajectories, "ppo", kl_in_reward_coef=0.5)
     assert samples[0].returns == pytest.approx([0.7, 0.8, 0.0, 0.9])
@@ -163,10 +168,34 @@ def test_rloo_and_grpo_advantages_reach_the_samples_and_skip_observations():
     expected = [[0.75, 0.75, 0.0, 0.75], [-0.75, -0.75, 0.0, -0.75], [0.0, 0.0, 0.0, 0.0]]
     for sample, row in zip(samples, expected):
         assert sample.advantages == pytest.approx(row)
-    assert samples[0].old_logprobs == [-1.0, -1.0, 0.0, -1.0] and samples[0].returns == []
+    # The engine's logprobs ride along as the behaviour policy; π_old is the driver's to set.
+    assert samples[0].rollout_logprobs == [-1.0, -1.0, 0.0, -1.0] and samples[0].old_logprobs == []
+    assert samples[0].returns == []
 
 
 def test_kl_in_reward_is_refused_for_sequence_estimators():
     trajectories = [_trajectory("g", 1.0), _trajectory("g", 0.0)]
     with pytest.raises(ValueError, match="grpo has no per-token rewards"):
         assign_advantages(learner_samples(trajectories), trajectories, "grpo", kl_in_reward_coef=0.1)
+
+
+def test_group_ids_are_unique_per_draw_when_an_epoch_wraps_inside_a_step():
+    """3 questions, 2 per step: step 2 draws the last question of epoch 0 and the first of epoch 1, and over a few
+    steps some step draws one question twice. Each draw is its own group, so GRPO never merges two into one of 2G."""
+    from launch.batching import episode_requests
+
+    sampler = PromptSampler(_examples(3), seed=0, shuffle=True)  # step 2 draws q1 twice
+    repeated = False
+    for step in range(1, 9):
+        prompts = sampler.next(2)
+        requests = episode_requests(prompts, seed=0, step=step)
+        repeated |= len({p.uid for p in prompts}) < len(prompts)
+        assert len({r.group_id for r in requests}) == len(prompts)
+        assert len({r.seed for r in requests}) == len(prompts)
+        assert [r.question for r in requests] == [p.question for p in prompts]
+    assert repeated  # the case this guards against happened
+    # A refill round's requests number on from the step's earlier ones.
+    first = episode_requests(_examples(2), seed=0, step=1)
+    refill = episode_requests(_examples(2), seed=0, step=1, first_index=2)
+    assert not {r.group_id for r in first} & {r.group_id for r in refill}
+    assert not {r.seed for r in first} & {r.seed for r in refill}

@@ -50,6 +50,8 @@ def assert_paper_run(cfg: dict) -> None:
     assert (train["prompts_per_step"], train["group_size"], train["total_steps"]) == (64, 5, 203)
     assert (train["save_every"], train["warmup"]) == (50, "off")
     assert learner["lr"] == 1e-6 and learner["total_steps"] == 203
+    assert learner["mini_batch_size"] == cfg["critic"]["mini_batch_size"] == 256  # 320 in two optimizer steps
+    assert cfg["model"]["dtype"] == "bfloat16"
     assert (learner["kl_coef"], learner["kl_kind"]) == (0.001, "low_var_kl")
     assert learner["bf16"] and learner["reference_bf16"]
     assert (episode["max_turns"], episode["max_tokens_per_turn"], episode["reward_metric"]) == (2, 500, "f1")
@@ -146,7 +148,37 @@ def test_the_default_job_stays_the_cpu_job():
     assert (cfg["train"]["total_steps"], cfg["train"]["prompts_per_step"], cfg["train"]["group_size"]) == (3, 2, 4)
     assert cfg["train"]["algorithm"] == "grpo" and cfg["train"]["warmup"] == "auto"
     assert not cfg["learner"]["bf16"] and cfg["rollout"]["episode"]["max_tokens_per_turn"] == 128
+    assert cfg["model"]["dtype"] == "float32"  # the policy engine computes in the CPU learner's precision
+    assert cfg["learner"]["mini_batch_size"] is None
     assert (cfg["simulator"]["model"], cfg["simulator"]["mode"]) == ("smollm2-135m-instruct", "prompt")
+
+
+def test_train_total_steps_is_the_one_run_length():
+    """No preset: ``train.total_steps=10`` alone sets the curriculum's m and both learning-rate warm-ups."""
+    from simulator.curriculum import build_curriculum
+
+    cfg = compose("train.total_steps=10")
+    assert cfg["learner"]["total_steps"] == cfg["critic"]["total_steps"] == cfg["curriculum"]["total_steps"] == 10
+    typed = _typed("train.total_steps=10")
+    curriculum = build_curriculum(typed.curriculum)
+    assert curriculum.noise_prob(10) == typed.curriculum.p_end == 0.5
+    assert curriculum.noise_prob(9) < 0.5
+    assert typed.learner.resolved_warmup_steps() == int(0.95 * 10) == 9
+    assert typed.critic.resolved_warmup_steps() == int(0.015 * 10) == 0
+    # A key set on purpose still decouples one of them.
+    assert compose("train.total_steps=10", "curriculum.total_steps=40")["curriculum"]["total_steps"] == 40
+
+
+def _typed(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from launch.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("config", overrides=[*overrides, "logger.run_dir=unused"]))
 
 
 def test_presets_build_the_typed_config():

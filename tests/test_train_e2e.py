@@ -113,7 +113,8 @@ def test_training_steps_end_to_end(tmp_path):
         assert row["simulator/calls"] >= 1.0 and row["simulator/failures"] == 0.0  # searches went to the pool
         assert row["sync/canary_moved"] > 0.0  # the engine now runs the updated weights...
         assert row["sync/canary_gap"] < 0.01  # ...and they agree with the learner's
-        assert 0.0 <= row["search/noise_prob"] <= 0.01  # exp curriculum, p_end 0.5 over 203 steps
+    # The exp curriculum over the run's 2 steps (m = train.total_steps): p_end 0.5 at the last step.
+    assert [r["search/noise_prob"] for r in rows] == pytest.approx([0.5 * (4**0.5 - 1) / 3, 0.5])
     assert rows[1]["actor/kl"] > 0.0  # the policy moved away from the reference after the first update
 
     checkpoint = run_dir / "checkpoints" / "step_2"

@@ -520,8 +520,13 @@ def _round_trip(tmp_path: Path, backend: str, engine_size: int, worker_gpus: lis
     assert sorted(w["rank"] for w in results) == list(range(1, world_size))
     for w in results:
         assert w["checked"] == len(manifest["names"])
-        assert w["loaded"] == [len(manifest["names"])] * 2
+        assert [x["tensors"] for x in w["loaded"]] == [len(manifest["names"])] * 2
         assert w["mismatches"] == []
+        # What each worker received sums to what the learner sent, and the two versions differ.
+        sent = [s["checksum"] for s in stats]
+        assert [x["checksum"] for x in w["loaded"]] == pytest.approx(sent, rel=1e-12) and sent[0] != sent[1]
+        assert sent == pytest.approx([A.weights_checksum(_wire(toy_weights(v), torch.bfloat16).values())
+                                      for v in common["versions"]], rel=1e-12)
 
 
 def test_gloo_round_trip_between_processes(tmp_path):

@@ -1,0 +1,104 @@
+"""The episode loop (``actors/episode.py``) with a scripted generator and engine: the edges of a trajectory.
+
+A fake generator is fine here: this is a unit test of the loop above the engine; real episodes are covered end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from actors.episode import EpisodeConfig, Generation, run_episode
+from actors.protocol import INVALID_ACTION_MESSAGE
+from simulator.base import SearchEngine, SearchMeta, SearchResult
+
+EOS = 0  # token 0 is the tokenizer's end of turn; every other id is a character
+
+
+class EosCharTokenizer:
+    """One token per character; id 0 is EOS, which decoding with ``skip_special_tokens`` leaves out."""
+
+    eos_token_id = EOS
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("<eos>" if i == EOS else chr(i) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+class Docs(SearchEngine):
+    async def search(self, query, ctx):
+        return SearchResult(["Tavo Merin works for Rerza Foundry."], SearchMeta(engine="fake"))
+
+
+def scripted(*turns: str | float):
+    """A generator that answers each call with the next turn: text (then EOS if it ends in "|"), or a number of
+    seconds to sleep past any timeout."""
+    queue = list(turns)
+
+    async def generate(context, budget):
+        turn = queue.pop(0)
+        if isinstance(turn, float):
+            await asyncio.sleep(turn)
+        text, eos = (turn[:-1], True) if turn.endswith("|") else (turn, False)
+        ids = [ord(c) for c in text] + ([EOS] if eos else [])
+        return Generation(ids, [-0.5] * len(ids), "stop")
+
+    return generate
+
+
+def run(generate, **cfg):
+    config = EpisodeConfig(max_turns=2, max_tokens_per_turn=200, max_response_tokens=4000, max_obs_tokens=400, **cfg)
+    return asyncio.run(run_episode([1, 2, 3], "Who employs Tavo Merin?", ("Rerza Foundry",), generate, Docs(),
+                                   EosCharTokenizer(), config))
+
+
+def test_an_invalid_turn_that_ends_at_eos_loses_its_eos_before_the_message():
+    result = run(scripted("I am not sure.|", "<search> Tavo Merin </search>", "<answer> Rerza Foundry </answer>|"))
+    ids, mask = result.response_ids, result.loss_mask
+    first = [ord(c) for c in "I am not sure."]
+    message = [ord(c) for c in INVALID_ACTION_MESSAGE]
+    # The first turn's text, straight into the invalid-action message: no EOS between them, with mask 1 or any.
+    assert ids[: len(first) + len(message)] == first + message
+    assert mask[: len(first)] == [1] * len(first) and mask[len(first): len(first) + len(message)] == [0] * len(message)
+    # The only EOS is the one that ends the episode, after the answer, and it is trained (mask 1).
+    assert [i for i, t in enumerate(ids) if t == EOS] == [len(ids) - 1] and mask[-1] == 1
+    assert len(result.logprobs) == len(ids) and result.reward == 1.0
+    assert result.stats.finish_reason == "answer" and result.stats.invalid_actions == 1
+
+
+def test_the_last_turn_keeps_its_eos():
+    result = run(scripted("hmm|", "still unsure|", "no idea|"), )
+    # Turns 1 and 2 are followed by the message and lose their EOS; turn 3 ends the episode and keeps it.
+    assert result.response_ids.count(EOS) == 1 and result.response_ids[-1] == EOS and result.loss_mask[-1] == 1
+    assert result.stats.finish_reason == "max_turns" and result.stats.invalid_actions == 3
+
+
+def test_a_generation_timeout_ends_that_episode_with_mask_zero():
+    async def with_timeout(context, budget, inner=scripted("<search> Tavo Merin </search>", 5.0)):
+        return await asyncio.wait_for(inner(context, budget), timeout=0.05)
+
+    result = run(with_timeout)
+    assert result.stats.finish_reason == "error" and "turn 2" in result.stats.error
+    assert result.stats.searches == 1 and result.stats.turns == 1
+    assert result.response_ids and set(result.loss_mask) == {0}  # what it had, trained on nothing
+    assert result.reward == 0.0
+
+
+def test_a_timeout_on_the_first_turn_leaves_one_untrained_token():
+    async def slow(context, budget):
+        return await asyncio.wait_for(asyncio.sleep(5.0), timeout=0.05)
+
+    result = run(slow)
+    assert (result.response_ids, result.loss_mask, result.logprobs) == ([EOS], [0], [0.0])
+    assert result.stats.finish_reason == "error" and result.stats.turns == 0
+
+
+def test_other_generation_errors_still_raise():
+    async def broken(context, budget):
+        raise RuntimeError("engine died")
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        run(broken)
