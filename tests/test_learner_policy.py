@@ -185,6 +185,18 @@ def scenario_exact(out_dir: str) -> dict:
         s.input_ids[-1] = (s.input_ids[-1] + 17) % 5000 + 100  # last response token is an observation (mask 0)
     masked = PolicyTrainer(path, _exact_config(micro_batch_tokens=10_000))
     delta_masked, _ = _update(masked, perturbed)
+    del one, many, masked
+
+    # Mini-batches: 8 on-policy samples in mini-batches of 4 are 2 optimizer steps of one update at one rate. With no
+    # old logprobs the ratio is 1, so with the KL and entropy off each step's token-mean loss is −Σ m·A / Σ m over
+    # its own mini-batch, whatever the weights after the first step.
+    eight = make_samples(seed=3, n=8)
+    mini = PolicyTrainer(path, _exact_config(mini_batch_size=4, kl_coef=0.0, entropy_coef=0.0, warmup_steps=4))
+    metrics_mini = mini.train_step(eight)
+    hand = [-sum(sum(s.loss_mask) * s.advantages[0] for s in part) / sum(sum(s.loss_mask) for s in part)
+            for part in (eight[:4], eight[4:])]
+    first_update = [dict(entry) for entry in mini.step_log]
+    mini.train_step(eight)
 
     return {
         "micro_batches": [metrics_one["actor/micro_batches"], metrics_many["actor/micro_batches"]],
@@ -194,6 +206,11 @@ def scenario_exact(out_dir: str) -> dict:
         "pg_losses": [metrics_one["actor/pg_loss"], metrics_many["actor/pg_loss"]],
         "clip_fracs": [metrics_one["actor/clip_frac"], metrics_many["actor/clip_frac"]],
         "update_norm": sum(float(d.double().norm() ** 2) for d in delta_one.values()) ** 0.5,
+        "mini_losses": [entry["loss"] for entry in first_update],
+        "mini_hand": hand,
+        "mini_lrs": [entry["lr"] for entry in first_update] + [entry["lr"] for entry in mini.step_log],
+        "mini_steps": [metrics_mini["actor/optimizer_steps"], mini.global_step, mini.updates],
+        "mini_ratio": [metrics_mini["actor/ratio_mean"], metrics_mini["actor/clip_frac"]],
     }
 
 
@@ -322,6 +339,13 @@ def test_gradient_accumulation_is_exact_and_mask_zero_tokens_do_not_count(tmp_pa
     assert result["pg_losses"][0] == pytest.approx(result["pg_losses"][1], rel=1e-5)
     assert result["clip_fracs"][0] == pytest.approx(result["clip_fracs"][1]) and result["clip_fracs"][0] > 0
     assert result["rel_diff_masked"] < 1e-4, result
+    # Mini-batches of 4 in a batch of 8: two optimizer steps, each the token mean of its own mini-batch, one rate
+    # per update (warm-up over updates: 1/4 of the rate, then 2/4), ratio 1 without old logprobs.
+    assert result["mini_steps"] == [2.0, 4, 2]
+    assert result["mini_losses"] == pytest.approx(result["mini_hand"], rel=1e-6)
+    assert result["mini_hand"][0] != pytest.approx(result["mini_hand"][1])
+    assert result["mini_lrs"] == pytest.approx([25.0, 25.0, 50.0, 50.0])
+    assert result["mini_ratio"] == pytest.approx([1.0, 0.0])
 
 
 @pytest.mark.slow
@@ -348,7 +372,7 @@ def test_policy_learner_ray_actor_and_data_parallel_match(ray_local, tiny_llama_
     for s in samples:
         s.ref_logprobs = [-5.0] * s.response_len
     cfg = _exact_config(micro_batch_tokens=24)
-    results = {}
+    results, canary, checksums, resumed = {}, {}, {}, {}
     for n in (1, 2):
         group = LearnerGroup(PolicyLearner, n, str(tiny_llama_path), cfg, num_cpus=1, timeout_s=600)
         try:
@@ -356,9 +380,23 @@ def test_policy_learner_ray_actor_and_data_parallel_match(ray_local, tiny_llama_
             metrics = group.train_step(samples)
             path = group.publish_weights(str(tmp_path / f"dp{n}"), version=1)
             results[n] = (logprobs, metrics, load_file(path))
+            # The weight-sync canary is one sample: fewer than the ranks, yet every rank takes part.
+            canary[n] = group.logprobs(samples[:1])
+            checksums[n] = group.published_checksum()
+            # Checkpoint, step (A), restore, the same step (B): the group resumes exactly.
+            group.save_checkpoint(str(tmp_path / f"ckpt{n}"))
+            step_a = group.train_step(samples)
+            group.load_checkpoint(str(tmp_path / f"ckpt{n}"))
+            resumed[n] = (step_a, group.train_step(samples))
         finally:
             group.shutdown()
     (lp1, m1, w1), (lp2, m2, w2) = results[1], results[2]
+    assert len(canary[2]) == 1 and canary[2][0] == pytest.approx(canary[1][0], abs=1e-5)
+    assert checksums[1] == pytest.approx(checksums[2], rel=1e-6) and checksums[1] > 0
+    for n in (1, 2):
+        step_a, step_b = resumed[n]
+        assert step_b["actor/pg_loss"] == step_a["actor/pg_loss"] and step_b["actor/lr"] == step_a["actor/lr"]
+        assert step_b["actor/grad_norm"] == pytest.approx(step_a["actor/grad_norm"], rel=1e-9)
     assert [len(x) for x in lp1] == [s.response_len for s in samples]
     assert max(abs(a - b) for x, y in zip(lp1, lp2) for a, b in zip(x, y)) < 1e-5
     assert (m1["actor/micro_batches"], m2["actor/micro_batches"]) == (5, 3)  # rank 0 of 2 runs 3, rank 1 runs 2

@@ -82,6 +82,22 @@ def test_async_training_lags_at_most_one_version(tmp_path):
     assert [r["async/staleness_mean"] for r in rows[1:]] == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.slow
+def test_an_engine_that_skips_a_weight_load_stops_the_run(tmp_path):
+    """Fault injection: the engine ignores the load of version 1. At the tiny learner's rate the canary might pass; the
+    engine's own report of the version and checksum it serves does not, and the driver names the engine."""
+    cmd = [sys.executable, "-m", "launch.train", *LEAN, "train.total_steps=2", f"data.dir={tmp_path / 'world'}",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "ZEROSEARCH_FAULT_SKIP_WEIGHT_LOADS": "0"})
+    assert result.returncode != 0
+    assert "WeightSyncError" in result.stderr, result.stderr[-3000:]
+    assert "rollout engine 0 of 1 serves policy version 0 with weights checksum None" in result.stderr
+    assert "published version 1 with checksum" in result.stderr
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.is_file() or not metrics.read_text().strip()  # step 1 was not logged as done
+
+
 def _prompts(run_dir) -> dict[int, list[str]]:
     lines = (run_dir / "batches.jsonl").read_text().splitlines()
     return {row["step"]: row["prompts"] for row in map(json.loads, lines)}
