@@ -52,7 +52,8 @@ class EpisodeConfig:
         max_tokens_per_turn: new tokens per generation (paper: 500).
         max_response_tokens: all response tokens, model and observation, of one episode.
         max_obs_tokens: tokens of one ``<information>`` block, closing tag kept.
-        top_k: documents per search.
+
+    Documents per search are the search engine's (``search.top_k``): one key, for training and every other command.
         reward_metric: ``f1`` (the paper's training reward), ``exact_match`` or ``substring_match``; or the probe
             ``even_token_share`` (``actors.reward``), which checks that learning works at all.
     """
@@ -61,7 +62,6 @@ class EpisodeConfig:
     max_tokens_per_turn: int = 500
     max_response_tokens: int = 2048
     max_obs_tokens: int = 512
-    top_k: int = 5
     reward_metric: str = "f1"
 
 
@@ -133,7 +133,7 @@ async def run_episode(
             break
         if action.kind == "search":
             ctx = SearchContext(question=question, golden_answers=golden_answers, noise_prob=noise_prob,
-                                seed=None if seed is None else seed * 1000 + turn, top_k=cfg.top_k)
+                                seed=None if seed is None else seed * 1000 + turn)
             started = time.perf_counter()
             result = await engine.search(action.content, ctx)
             stats.search_s += time.perf_counter() - started

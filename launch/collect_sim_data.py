@@ -77,9 +77,9 @@ def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) 
     examples = load_qa(train_file)
     random.Random(cfg.seed).shuffle(examples)
     examples = examples[:c.questions]
-    search = dataclasses.replace(cfg.search, engine=c.engine, top_k=c.top_k)
+    search = dataclasses.replace(cfg.search, engine=c.engine)
     factory = functools.partial(build_search_engine, search, cfg.simulator, None, str(corpus_file))
-    rollout_cfg = dataclasses.replace(cfg.rollout, episode=dataclasses.replace(cfg.rollout.episode, top_k=c.top_k))
+    rollout_cfg = cfg.rollout
     engine_kwargs, env = policy_engine_options(cfg)
     # Safe here, unlike in training: the weights never change. Every prompt shares the instruction, and each turn
     # re-sends the previous one.

@@ -210,6 +210,7 @@ class TrainConfig:
 @dataclass
 class WarmupConfig:
     """The cold start of small policies: supervised fine-tuning on scripted protocol demonstrations (``launch.warmup``).
+    Their searches are BM25 over the data config's corpus, ``search.top_k`` documents each, as RL will see them.
 
     ``train.warmup`` decides whether it runs: ``auto`` warms up policies with fewer than ``max_params`` parameters
     (a 135M model never writes ``<search>`` from the prompt alone; the paper's 3B+ models skip it), ``on`` always,
@@ -223,7 +224,6 @@ class WarmupConfig:
         lr_warmup_steps: optimizer steps of linear learning-rate warmup.
         micro_batch_tokens: token budget of one micro-batch, padding included.
         max_params: ``auto`` warms up policies below this many parameters.
-        top_k: documents per search in the demonstrations (BM25 over the data config's corpus).
         cache: reuse a warmed-up policy built earlier from the same model, corpus, data and settings; it is stored in
             the models folder (``ZEROSEARCH_RAY_MODELS``) under ``warmed/``.
         seed: order of the training questions the demonstrations are written for.
@@ -236,7 +236,6 @@ class WarmupConfig:
     lr_warmup_steps: int = 1
     micro_batch_tokens: int = 4096
     max_params: float = 1.0e9
-    top_k: int = 5
     cache: bool = True
     seed: int = 0
 
@@ -246,12 +245,12 @@ class SimCollectConfig:
     """Collecting and labelling real search results for simulator tuning (``launch.collect_sim_data``, spec section 3).
 
     The policy is the run's ``model`` (warmed up first when ``train.warmup`` says so, exactly as training would), and
-    it answers training questions with the search protocol against a real engine.
+    it answers training questions with the search protocol against a real engine, ``search.top_k`` documents per
+    search (and so per SFT target; the simulator is asked for five).
 
     Attributes:
         engine: the real engine: ``bm25``, ``dense``, ``http`` or ``serpapi``; its options (corpus, url, key) are the
             ``search`` group's.
-        top_k: documents per search, and so per SFT target (the simulator is asked for five).
         questions: training questions answered (the first ones of a seeded shuffle of the train split).
         samples_per_question: episodes per question; sampled at ``temperature``, several give a question both right
             and wrong trajectories (and often the same query twice, which is kept once per label).
@@ -270,7 +269,6 @@ class SimCollectConfig:
     """
 
     engine: str = "bm25"
-    top_k: int = 5
     questions: int = 200
     samples_per_question: int = 1
     temperature: float = 1.0

@@ -42,7 +42,7 @@ class AgentConfig:
         corpus: the corpus ``bm25``/``dense`` search; empty: ``corpus.jsonl`` of the data folder (the synthetic
             world's by default).
         url: the ``http`` retriever's endpoint.
-        top_k: documents per search (and in the RAG prompt).
+        top_k: documents per search (and in the RAG prompt); training's ``search.top_k`` default, 5 (the paper).
         max_turns: searches the agent may make (the paper: 2).
         max_tokens_per_turn: generated tokens per turn (the paper: 500).
         max_obs_tokens: tokens of one ``<information>`` block.
@@ -53,7 +53,7 @@ class AgentConfig:
     engine: str = "bm25"
     corpus: str = ""
     url: str = "http://127.0.0.1:6002/retrieve"
-    top_k: int = 3
+    top_k: int = 5
     max_turns: int = 2
     max_tokens_per_turn: int = 256
     max_obs_tokens: int = 512
@@ -166,8 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         factory = functools.partial(build_search_engine, search, SimulatorConfig(), pool,
                                     str(corpus) if corpus.is_file() else None)
         rollout_cfg = RolloutConfig(temperature=0.0, episode=EpisodeConfig(
-            max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn, max_obs_tokens=cfg.max_obs_tokens,
-            top_k=cfg.top_k))
+            max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn, max_obs_tokens=cfg.max_obs_tokens))
         engine_kwargs = dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len, enforce_eager=True,
                              gpu_memory_utilization=0.3 if not cfg.gpus_per_engine else 0.85, seed=cfg.seed)
         actors = [ray.remote(RolloutActor).options(num_cpus=1, num_gpus=cfg.gpus_per_engine, max_concurrency=10_000)

@@ -76,7 +76,7 @@ async def run(cfg: InferConfig) -> None:
     search = build_search_engine(SearchConfig(engine=cfg.engine, top_k=cfg.top_k, url=cfg.url), None, None,
                                  str(corpus) if corpus else None)
     episode = EpisodeConfig(max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn,
-                            max_obs_tokens=cfg.max_obs_tokens, top_k=cfg.top_k)
+                            max_obs_tokens=cfg.max_obs_tokens)
     rollout_cfg = RolloutConfig(temperature=0.0, guided_first_turn_regex=cfg.guided_first_turn_regex, episode=episode)
     engine = PolicyEngine(resolve_policy(cfg.model), dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                                                           enforce_eager=True, gpu_memory_utilization=0.3),

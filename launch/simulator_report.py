@@ -186,11 +186,11 @@ def measure_simulator(cfg: Config, model: str, mode: str, rows: list[dict[str, A
     from simulator.pool import create_simulator_pool
     from simulator.simulated import SimulatedSearch
 
-    report, top_k = cfg.simulation.report, cfg.simulation.collect.top_k
+    report, top_k = cfg.simulation.report, cfg.search.top_k
     # Every request enters vLLM at once, so one attempt waits for the whole pass: a shorter per-attempt limit would
     # abandon and resend requests that are merely queued. Background health checks would only disturb the timings.
     sim_cfg = dataclasses.replace(cfg.simulator, model=model, mode=mode, max_tokens=report.max_tokens,
-                                  temperature=report.temperature, top_k_docs=top_k, cache_size=0,
+                                  temperature=report.temperature, cache_size=0,
                                   request_timeout_s=report.timeout_s, health_check_interval_s=0.0)
     print(f"simulator {model} ({mode} mode): starting", flush=True)
     pool = create_simulator_pool(sim_cfg)
@@ -219,8 +219,8 @@ def measure_real_engine(cfg: Config, rows: list[dict[str, Any]]) -> tuple[dict[s
     from launch.paths import ensure_data
     from simulator.simulated import build_search_engine
 
-    name, top_k = cfg.simulation.collect.engine, cfg.simulation.collect.top_k
-    search_cfg = dataclasses.replace(cfg.search, engine=name, top_k=top_k)
+    name, top_k = cfg.simulation.collect.engine, cfg.search.top_k
+    search_cfg = dataclasses.replace(cfg.search, engine=name)
     corpus = None
     if name in ("bm25", "dense") and not search_cfg.corpus_file:  # the corpus the data was collected over
         corpus = str(ensure_data(cfg.data)["corpus"])
@@ -271,7 +271,7 @@ def run_report(cfg: Config) -> dict[str, Any]:
     sources["real"] = real
 
     r = cfg.simulation.report
-    report = {"file": str(path), "queries": len(rows), "top_k": cfg.simulation.collect.top_k,
+    report = {"file": str(path), "queries": len(rows), "top_k": cfg.search.top_k,
               "max_tokens": r.max_tokens, "temperature": r.temperature, "sources": sources, "skipped": skipped,
               "config": {"simulation": dataclasses.asdict(cfg.simulation),
                          "simulator": dataclasses.asdict(cfg.simulator), "real_engine": real_cfg}}

@@ -77,8 +77,8 @@ def write_demonstrations(cfg: Config, policy_path: str, train_file: Path, corpus
     examples = load_qa(train_file)
     random.Random(w.seed).shuffle(examples)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    engine = BM25Search(corpus_file, top_k=w.top_k)
-    episode_cfg = dataclasses.replace(cfg.rollout.episode, top_k=w.top_k)
+    engine = BM25Search(corpus_file, top_k=cfg.search.top_k)  # the documents per search RL will see
+    episode_cfg = cfg.rollout.episode
     kept, written = [], 0
     # Single-hop questions are nearly all grounded, two-hop ones rarely; write in chunks until enough are kept.
     for start in range(0, len(examples), 4 * w.demonstrations):

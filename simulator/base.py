@@ -25,7 +25,7 @@ class SearchContext:
     golden_answers: tuple[str, ...] = ()
     noise_prob: float = 0.0
     seed: int | None = None
-    top_k: int = 5
+    top_k: int = 0  # documents wanted; 0: the engine's own (``search.top_k``)
 
 
 @dataclass

@@ -25,7 +25,6 @@ class SimulatorConfig:
         version: a label of the simulator weights, part of the cache key so that a new simulator never serves an old
             one's cached documents. Empty means ``"{model}:{mode}"``.
         temperature, top_p, max_tokens: sampling. The original samples at 0.8 with 600 new tokens (500 at paper time).
-        top_k_docs: documents kept from each reply (the text after "Doc {top_k_docs+1}" is dropped).
         num_servers: vLLM servers (Ray actors) in the pool; the original ran sglang with data parallel 2. Under
             ``launch.train`` the cluster group (``cluster.simulator_servers``, ``simulator_gpus``,
             ``simulator_tensor_parallel``) sets this, ``gpus_per_server`` and ``tensor_parallel_size``.
@@ -59,7 +58,6 @@ class SimulatorConfig:
     temperature: float = 0.8
     top_p: float = 1.0
     max_tokens: int = 600
-    top_k_docs: int = 5
     num_servers: int = 1
     cpus_per_server: float = 1.0
     gpus_per_server: float = 0.0

@@ -35,7 +35,7 @@ def test_infer_answers_questions_typed_on_stdin_with_real_bm25(tmp_path, synthet
     # An untrained model's first turn is constrained to a search for a name the world's corpus holds.
     name = json.loads(synthetic_world["corpus"].read_text().splitlines()[0])["contents"].split("\n")[0]
     cmd = [sys.executable, "-m", "launch.infer", "model=tiny-llama", "engine=bm25",
-           f"corpus={synthetic_world['corpus']}", "max_tokens_per_turn=24", "max_model_len=2048",
+           f"corpus={synthetic_world['corpus']}", "max_tokens_per_turn=24", "max_model_len=2048", "top_k=3",
            f"guided_first_turn_regex='<search> {name} </search>'"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, input=f"Where was {name} born?\nwho is he\n\n",
                             capture_output=True, text=True, timeout=600)

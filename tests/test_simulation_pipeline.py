@@ -39,7 +39,7 @@ def test_collection_writes_records_with_every_field(synthetic_world, tmp_path):
         "warmup.steps=80", "warmup.lr=3e-3", "warmup.lr_warmup_steps=0",
         "simulation.collect.questions=8", "simulation.collect.samples_per_question=1",
         "simulation.collect.temperature=0", "simulation.collect.label=rule", "simulation.collect.balance=false",
-        "simulation.collect.top_k=3", "simulation.collect.val_fraction=0.25")
+        "search.top_k=3", "simulation.collect.val_fraction=0.25")
     assert "collected" in out
 
     rows = [json.loads(line) for line in (sim_dir / "data" / "records.jsonl").read_text().splitlines()]

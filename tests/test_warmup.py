@@ -76,7 +76,8 @@ def _warmup_config(tmp_path, **warmup):
 
     cfg = Config()
     cfg.warmup = WarmupConfig(demonstrations=12, steps=8, batch_size=6, lr=1e-2, lr_warmup_steps=0,
-                              micro_batch_tokens=2048, top_k=3, **warmup)
+                              micro_batch_tokens=2048, **warmup)
+    cfg.search.top_k = 3  # the demonstrations' documents per search are the run's
     cfg.learner = LearnerConfig(zero_stage=0)
     cfg.rollout.episode.max_obs_tokens = 128
     return cfg
