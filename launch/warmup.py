@@ -125,6 +125,7 @@ def cache_key(cfg: Config, policy_path: str, files: list[Path]) -> str:
         "model": [str(policy_path), stamp(Path(policy_path))],
         "data": [stamp(f) for f in files],
         "warmup": dataclasses.asdict(cfg.warmup),
+        "top_k": cfg.search.top_k,
         "episode": dataclasses.asdict(cfg.rollout.episode),
         "max_prompt_tokens": cfg.rollout.max_prompt_tokens,
         "learner": {k: v for k, v in dataclasses.asdict(learner).items() if k != "extra_deepspeed"},
