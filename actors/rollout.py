@@ -29,7 +29,11 @@ class RolloutConfig:
         generate_timeout_s: one generation call; past it that episode ends with finish reason ``error`` and trains
             nothing (loss mask 0), and the others go on (``actors/episode.py``).
         guided_first_turn_regex: if set, the first generation is constrained to this regex (structured outputs).
-            For tests with random models, which never write ``</search>`` by chance.
+            For tests with random models, which never write ``</search>`` by chance. vLLM then reports the logprobs of
+            the constrained distribution, not the model's.
+        enable_prefix_caching: vLLM's prefix cache on the policy engines: the G samples of a group share their
+            prompt, and every later turn re-reads the whole history. Safe across weight syncs because every load
+            resets the cache (``load_weights``, ``receive_weights``).
         episode: per-episode limits (turns, token budgets, reward metric).
     """
 
@@ -39,6 +43,7 @@ class RolloutConfig:
     max_prompt_tokens: int = 1024
     generate_timeout_s: float = 300.0
     guided_first_turn_regex: str | None = None
+    enable_prefix_caching: bool = True
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
 
 

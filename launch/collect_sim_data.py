@@ -80,10 +80,7 @@ def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) 
     search = dataclasses.replace(cfg.search, engine=c.engine)
     factory = functools.partial(build_search_engine, search, cfg.simulator, None, str(corpus_file))
     rollout_cfg = cfg.rollout
-    engine_kwargs, env = policy_engine_options(cfg)
-    # Safe here, unlike in training: the weights never change. Every prompt shares the instruction, and each turn
-    # re-sends the previous one.
-    engine_kwargs["enable_prefix_caching"] = True
+    engine_kwargs, env = policy_engine_options(cfg)  # prefix caching on (rollout.enable_prefix_caching)
     actors = [ray.remote(RolloutActor).options(num_cpus=1, num_gpus=cfg.cluster.rollout_gpus, max_concurrency=10_000)
               .remote(policy_path, engine_kwargs, factory, rollout_cfg, env) for _ in range(c.engines)]
     ray.get([a.ready.remote() for a in actors], timeout=cfg.cluster.actor_start_timeout_s)

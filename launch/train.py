@@ -547,7 +547,8 @@ def policy_engine_options(cfg: Config) -> tuple[dict, dict[str, str]]:
     c = cfg.cluster
     engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
                          gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
-                         tensor_parallel_size=c.rollout_tensor_parallel)
+                         tensor_parallel_size=c.rollout_tensor_parallel,
+                         enable_prefix_caching=cfg.rollout.enable_prefix_caching)
     return engine_kwargs, {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb)))}
 
 
