@@ -74,7 +74,11 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
 
     turns = sum(t.stats.turns for t in trajectories)
     searches = [s for t in trajectories for s in t.stats.noisy]
+    # Reward per data source: on the synthetic world, single-hop and two-hop questions apart.
+    by_source = {f"critic/score/{source}": mean(t.reward for t in trajectories if t.data_source == source)
+                 for source in sorted({t.data_source for t in trajectories})}
     return {
+        **by_source,
         "critic/score/mean": mean(t.reward for t in trajectories),
         "critic/score/max": max(t.reward for t in trajectories),
         "response_length/mean": mean(len(t.response_ids) for t in trajectories),

@@ -38,6 +38,7 @@ class StepBatch:
     gen_s: float  # wall time of this batch's rollouts (all rounds)
     groups_rolled: int = 0
     groups_kept: int = 0
+    groups_informative: int = 0  # groups whose rewards are not all equal, of all rolled
     rounds: int = 1
     rolled_rewards: list[float] = field(default_factory=list)  # every episode rolled, kept by the filter or not
     extra: dict[str, float] = field(default_factory=dict)
@@ -45,6 +46,11 @@ class StepBatch:
     @property
     def pass_rate(self) -> float:
         return self.groups_kept / max(self.groups_rolled, 1)
+
+    @property
+    def signal_share(self) -> float:
+        """Share of the rolled groups whose rewards differ: only those give a group baseline a signal to learn."""
+        return self.groups_informative / max(self.groups_rolled, 1)
 
     @property
     def score_mean(self) -> float:
@@ -125,12 +131,13 @@ class RolloutQueue:
                 kept, rolled, n_kept = kept + fresh, rolled + fresh_rolled, n_kept + fresh_kept
                 batch.prompt_uids += [p.uid for p in more]
                 batch.rounds += 1
-            batch.groups_rolled, batch.groups_kept = rolled, n_kept
+            batch.groups_rolled, batch.groups_kept, batch.groups_informative = rolled, n_kept, n_kept
             # Nothing informative at all: train on the whole batch (its advantages are 0; the KL and entropy terms
             # still act) rather than skip the step and stall the curriculum and the schedule.
             batch.trajectories = kept if kept else trajectories
         else:
-            batch.groups_rolled = batch.groups_kept = len({t.group_id for t in trajectories})
+            _, batch.groups_rolled, batch.groups_informative = informative_groups(trajectories)
+            batch.groups_kept = batch.groups_rolled
         batch.sampler_state = copy.deepcopy(self.sampler.state_dict())
         batch.gen_s = time.perf_counter() - started
         return batch

@@ -438,6 +438,7 @@ def _step_metrics(batch, train_metrics, sync_metrics, t_train, t_step, t_wait, t
         "async/staleness_max": float(max(staleness)),
         "async/policy_version_min": float(min(t.policy_version for t in trajectories)),
         "data/groups_rolled": float(batch.groups_rolled),
+        "data/signal_share": batch.signal_share,
         "data/filter_pass_rate": batch.pass_rate,
         "data/rollout_rounds": float(batch.rounds),
         "timing_s/gen": batch.gen_s,
@@ -465,28 +466,46 @@ def _sample_rows(trajectories, n: int) -> list[dict[str, Any]]:
 
 class _Progress:
     """A progress bar (step, reward, noise probability, searches) on a terminal, and one full line per step always,
-    so that logs of batch jobs carry every step too."""
+    so that logs of batch jobs carry every step too. Warns once when no group has had a learning signal for
+    ``SILENT_STEPS`` steps in a row."""
+
+    SILENT_STEPS = 3
 
     def __init__(self, total: int, done: int = 0) -> None:
         from tqdm import tqdm
 
         self.total = total
+        self.silent = 0
         self.bar = tqdm(total=total, initial=done, desc="RL steps", unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
 
     def show(self, step: int, m: dict[str, float]) -> None:
         self.bar.set_postfix(reward=f"{m['critic/score/mean']:.3f}", noise=f"{m['search/noise_prob']:.3f}",
-                             searches=f"{m['search/calls_per_episode']:.2f}")
+                             searches=f"{m['search/calls_per_episode']:.2f}", signal=f"{m['data/signal_share']:.2f}")
         self.bar.update(1)
         self.bar.write(
             f"step {step}/{self.total}  reward {m['critic/score/mean']:.3f}  noise {m['search/noise_prob']:.3f}  "
-            f"searches {m['search/calls_per_episode']:.2f}  valid {m['episode/valid_action_share']:.2f}  "
+            f"searches {m['search/calls_per_episode']:.2f}  signal {m['data/signal_share']:.2f}  "
+            f"valid {m['episode/valid_action_share']:.2f}  "
             f"kl {m.get('actor/kl', 0.0):.4f}  step {m['timing_s/step']:.1f}s (gen {m['timing_s/gen']:.1f}s, "
             f"train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)", file=sys.stdout)
+        self.silent = self.silent + 1 if m["data/signal_share"] == 0.0 else 0
+        if self.silent == self.SILENT_STEPS:
+            self.bar.write(silent_warning(self.silent, m), file=sys.stdout)
         sys.stdout.flush()
 
     def close(self) -> None:
         self.bar.close()
+
+
+def silent_warning(steps: int, m: dict[str, float]) -> str:
+    """Why a run whose groups all had equal rewards cannot learn, and what to change."""
+    entropy = m.get("actor/entropy", float("nan"))
+    return (f"warning: for {steps} steps every group's rewards were equal (data/signal_share 0), so every advantage "
+            f"is 0 and the updates carry only the KL and entropy terms: this run is not learning. The policy's "
+            f"entropy is {entropy:.3f} nats/token; near 0, its samples of one question are all alike (a collapsed "
+            f"cold start). Try a larger train.group_size, a higher rollout.temperature, train.dynamic_filter=true, "
+            f"or a shorter warm-up (warmup.steps, warmup.lr).")
 
 
 def _check(cfg: Config) -> None:

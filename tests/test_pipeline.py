@@ -110,6 +110,7 @@ def test_dynamic_filter_refills_with_fresh_prompts_and_logs_the_pass_rate():
     assert batch.sampler_state["position"] == 4
     # The step's score is every rolled episode's (rewards 0,0 | 0,1 | 0,0 | 0,1), not the kept groups' (0,1 | 0,1).
     assert batch.rolled_rewards == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert batch.signal_share == pytest.approx(0.5)  # 2 of the 4 groups rolled had rewards that differ
     assert batch.score_mean == pytest.approx(0.25)
     assert sum(t.reward for t in batch.trajectories) / len(batch.trajectories) == pytest.approx(0.5)
     queue.close()
@@ -199,3 +200,44 @@ def test_group_ids_are_unique_per_draw_when_an_epoch_wraps_inside_a_step():
     refill = episode_requests(_examples(2), seed=0, step=1, first_index=2)
     assert not {r.group_id for r in first} & {r.group_id for r in refill}
     assert not {r.seed for r in first} & {r.seed for r in refill}
+
+
+def test_signal_share_without_the_filter_counts_groups_whose_rewards_differ():
+    queue, _ = _queue(_ScriptedRollout(flat_uids={"q0"}), prompts=2)
+    queue.fill(1)
+    batch, _ = queue.take(1)
+    assert (batch.groups_rolled, batch.groups_informative, batch.groups_kept) == (2, 1, 2)
+    assert batch.signal_share == pytest.approx(0.5) and len(batch.trajectories) == 4  # nothing dropped
+    queue.close()
+
+
+def test_rollout_metrics_give_the_reward_per_data_source():
+    from actors.trajectory import EpisodeStats
+    from launch.batching import rollout_metrics
+
+    def episode(source: str, reward: float, finish: str = "answer"):
+        return SimpleNamespace(reward=reward, data_source=source, response_ids=[1, 2], loss_mask=[1, 1],
+                               stats=EpisodeStats(turns=2, searches=1, valid_actions=2, answered=True,
+                                                  finish_reason=finish, generated_tokens=2))
+
+    metrics = rollout_metrics([episode("synthetic_1hop", 1.0), episode("synthetic_1hop", 0.5),
+                               episode("synthetic_2hop", 0.0, finish="error")])
+    assert metrics["critic/score/synthetic_1hop"] == pytest.approx(0.75)
+    assert metrics["critic/score/synthetic_2hop"] == 0.0
+    assert metrics["critic/score/mean"] == pytest.approx(0.5) and metrics["episode/errors"] == 1.0
+
+
+def test_a_run_without_signal_warns_once_and_says_why(capsys):
+    from launch.train import _Progress
+
+    progress = _Progress(total=6)
+    row = {"critic/score/mean": 0.0, "search/noise_prob": 0.0, "search/calls_per_episode": 1.0,
+           "data/signal_share": 0.0, "episode/valid_action_share": 1.0, "timing_s/step": 1.0, "timing_s/gen": 0.5,
+           "timing_s/train": 0.4, "timing_s/sync": 0.1, "actor/entropy": 0.012}
+    for step in range(1, 6):
+        progress.show(step, row)
+    progress.close()
+    out = capsys.readouterr().out
+    assert out.count("signal 0.00") == 5
+    assert out.count("warning:") == 1 and "data/signal_share 0" in out and "0.012 nats/token" in out
+    assert "train.group_size" in out
