@@ -198,7 +198,8 @@ class Cluster:
         if learner_cfg.kl_coef > 0:
             self.reference = ReferenceLearner.options(num_cpus=0.5, num_gpus=c.reference_gpus).remote(
                 policy_path, bf16=learner_cfg.reference_bf16, offload=learner_cfg.offload_reference,
-                micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads)
+                micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads,
+                share_prompts=learner_cfg.share_prompts)
         ray.get([e.ready.remote() for e in self.engines], timeout=timeout)
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)

@@ -33,6 +33,10 @@ class LearnerConfig:
         grad_clip: clip the global gradient norm to this value (0 disables clipping).
         micro_batch_tokens: token budget of one micro-batch, padding included (rows × longest row). Samples are sorted
             by length and packed greedily; a sample longer than the budget gets a micro-batch of its own.
+        share_prompts: the samples of one prompt (a GRPO group) share the prompt's forward in the update, the
+            reference and the old-logprob passes: the prompt is computed once and every response attends to its key
+            and value cache, through which the gradients of all of them flow. A micro-batch then costs
+            ``prompt + rows × longest response`` tokens of the budget. Off with ``gradient_checkpointing``.
         clip_eps: PPO ratio clip ε (lower side, and upper side unless ``clip_eps_high`` is set).
         clip_eps_high: DAPO's clip-higher upper ε; None means symmetric.
         dual_clip: dual-clip constant c > 1 bounding the loss of negative-advantage tokens; None disables it.
@@ -72,6 +76,7 @@ class LearnerConfig:
     total_steps: int = 203
     grad_clip: float = 1.0
     micro_batch_tokens: int = 8192
+    share_prompts: bool = True
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None

@@ -57,6 +57,8 @@ def response_values(model: nn.Module, mb: MicroBatch) -> Tensor:
 class CriticTrainer(DeepSpeedCore):
     """The critic's update. Every sample needs ``returns`` and ``old_values`` (the values GAE used)."""
 
+    shares_prompts = False  # the value head reads every position's hidden state, not response_logits
+
     def build_model(self, model_path: str) -> nn.Module:
         from transformers import AutoModel
 

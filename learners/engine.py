@@ -31,7 +31,7 @@ from torch import Tensor
 from learners import distributed as D
 from learners.batch import LearnerSample
 from learners.config import LearnerConfig
-from learners.micro_batching import MicroBatchPlan, pack_by_token_budget
+from learners.micro_batching import MicroBatchPlan, SharedPromptPlan, pack_by_token_budget, pack_prompt_groups
 from learners.weight_broadcast import weights_checksum
 
 CHECKPOINT_TAG = "deepspeed"
@@ -74,6 +74,7 @@ class MicroBatch:
     returns: Tensor  # PPO critic targets
     old_values: Tensor  # the critic's values when GAE ran
     response_lens: list[int]
+    shared_prompt: bool = False  # every row has the same prompt, computed once (``shared_prompt_logits``)
 
 
 def pad_rows(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype = torch.float32,
@@ -86,11 +87,15 @@ def pad_rows(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype = t
     return out.to(dev)
 
 
-def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0) -> MicroBatch:
-    """Stack samples, right-padded: pads sit after every real token, so causal attention never sees them."""
+def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0,
+            shared_prompt: bool = False) -> MicroBatch:
+    """Stack samples, right-padded: pads sit after every real token, so causal attention never sees them.
+    ``shared_prompt``: the samples have one prompt (a plan's shared micro-batch), which the forward computes once."""
     for s in samples:
         if s.prompt_len < 1:
             raise ValueError("a sample needs at least one prompt token (the first response token is predicted from it)")
+    if shared_prompt and len({tuple(s.input_ids[:s.prompt_len]) for s in samples}) != 1:
+        raise ValueError("a shared-prompt micro-batch needs samples with one and the same prompt")
     width = max(len(s.input_ids) for s in samples)
     resp = [s.response_len for s in samples]
     r_width = max(resp)
@@ -123,6 +128,7 @@ def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0
         returns=pad_rows([s.returns for s in samples], r_width, torch.float32, dev),
         old_values=pad_rows([s.old_values for s in samples], r_width, torch.float32, dev),
         response_lens=resp,
+        shared_prompt=shared_prompt and len(samples) > 1,
     )
 
 
@@ -132,6 +138,8 @@ def response_logits(model: Callable, mb: MicroBatch) -> Tensor:
     Only positions from the earliest response start on go through the LM head (``logits_to_keep``): over a 49k-152k
     vocabulary, logits at every prompt position would take much of the learner's memory and time for nothing.
     """
+    if mb.shared_prompt:
+        return shared_prompt_logits(model, mb)
     first = int(mb.positions[:, 0].min())
     keep = mb.input_ids.shape[1] - first
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
@@ -140,14 +148,48 @@ def response_logits(model: Callable, mb: MicroBatch) -> Tensor:
     return logits.gather(1, index).float()
 
 
+def shared_prompt_logits(model: Callable, mb: MicroBatch) -> Tensor:
+    """``response_logits`` for rows that share their prompt: the prompt is computed once, and every row's response
+    attends to that one key/value cache, repeated per row.
+
+    The cache stays in the autograd graph, so the gradients of all the rows' responses flow back into the one prompt
+    forward: the loss and its gradient are the unshared computation's, for ``p + B·R`` tokens of compute instead of
+    ``B·(p + R)``. The first response token is predicted by the prompt's last position, the others by the response's
+    own positions.
+    """
+    rows, width = mb.input_ids.shape
+    prompt_len = int(mb.positions[0, 0]) + 1
+    prompt = model(input_ids=mb.input_ids[:1, :prompt_len], use_cache=True, logits_to_keep=1)
+    cache = prompt.past_key_values
+    cache.batch_repeat_interleave(rows)
+    responses = mb.input_ids[:, prompt_len:]
+    positions = torch.arange(prompt_len, width, device=responses.device).expand(rows, -1)
+    rest = model(input_ids=responses, attention_mask=mb.attention_mask, position_ids=positions,
+                 past_key_values=cache, use_cache=True, logits_to_keep=responses.shape[1]).logits
+    first = prompt.logits[:, -1:].expand(rows, 1, -1)
+    return torch.cat([first, rest[:, :-1]], dim=1).float()
+
+
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log π(target) per position, ``[B, R]``."""
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def aligned_plan(lengths: Sequence[int], token_budget: int) -> tuple[MicroBatchPlan, int]:
+def plan_micro_batches(samples: Sequence[LearnerSample], token_budget: int,
+                       share_prompts: bool = False) -> SharedPromptPlan:
+    """Micro-batches under ``token_budget``: the samples of one prompt together, sharing its forward, when
+    ``share_prompts`` (``pack_prompt_groups``); else packed by length alone (no micro-batch shared)."""
+    if share_prompts:
+        return pack_prompt_groups([tuple(s.input_ids[:s.prompt_len]) for s in samples],
+                                  [s.prompt_len for s in samples], [s.response_len for s in samples], token_budget)
+    plan = pack_by_token_budget([len(s.input_ids) for s in samples], token_budget)
+    return SharedPromptPlan(plan.batches, plan.real_tokens, plan.padded_tokens, shared=[False] * len(plan.batches))
+
+
+def aligned_plan(samples: Sequence[LearnerSample], token_budget: int, share_prompts: bool = False
+                 ) -> tuple[SharedPromptPlan, int]:
     """The local packing plan and how many micro-batches EVERY rank must run (the max over ranks)."""
-    plan = pack_by_token_budget(lengths, token_budget)
+    plan = plan_micro_batches(samples, token_budget, share_prompts)
     return plan, int(D.all_reduce_max(len(plan.batches)))
 
 
@@ -159,38 +201,39 @@ def logprobs_of(model: Callable, mb: MicroBatch) -> Tensor:
 @torch.no_grad()
 def compute_per_token(model: Callable, samples: Sequence[LearnerSample], token_budget: int, dev: torch.device,
                       pad_id: int = 0, align_ranks: bool = False,
-                      per_token: Callable[[Callable, MicroBatch], Tensor] = logprobs_of) -> list[list[float]]:
+                      per_token: Callable[[Callable, MicroBatch], Tensor] = logprobs_of,
+                      share_prompts: bool = False) -> list[list[float]]:
     """``per_token(model, micro_batch)`` for each response token of each sample, in input order, without gradient:
     logprobs by default, the critic's values with ``learners.critic.response_values``.
 
     ``align_ranks``: run as many forwards as the busiest rank (ZeRO-3 gathers weights collectively on every forward).
+    ``share_prompts``: the samples of one prompt share its forward (``plan_micro_batches``).
     """
     if not samples:
         if align_ranks:
             raise ValueError("every data-parallel rank needs at least one sample")
         return []
-    lengths = [len(s.input_ids) for s in samples]
     if align_ranks:
-        plan, count = aligned_plan(lengths, token_budget)
+        plan, count = aligned_plan(samples, token_budget, share_prompts)
     else:  # no collective: safe to call from one rank alone (e.g. a reference model living in a learner process)
-        plan = pack_by_token_budget(lengths, token_budget)
+        plan = plan_micro_batches(samples, token_budget, share_prompts)
         count = len(plan.batches)
     out: list[list[float]] = [[] for _ in samples]
     for i in range(count):
         real = i < len(plan.batches)
-        idx = plan.batches[i] if real else plan.batches[0]
-        mb = collate([samples[j] for j in idx], dev, pad_id)
+        k = i if real else 0
+        mb = collate([samples[j] for j in plan.batches[k]], dev, pad_id, shared_prompt=plan.shared[k])
         values = per_token(model, mb).cpu()
         if real:
-            for row, j in enumerate(idx):
+            for row, j in enumerate(plan.batches[k]):
                 out[j] = values[row, : mb.response_lens[row]].tolist()
     return out
 
 
 def compute_logprobs(model: Callable, samples: Sequence[LearnerSample], token_budget: int, dev: torch.device,
-                     pad_id: int = 0, align_ranks: bool = False) -> list[list[float]]:
+                     pad_id: int = 0, align_ranks: bool = False, share_prompts: bool = False) -> list[list[float]]:
     """Per response token log π(token | prefix) of each sample, in input order (see ``compute_per_token``)."""
-    return compute_per_token(model, samples, token_budget, dev, pad_id, align_ranks)
+    return compute_per_token(model, samples, token_budget, dev, pad_id, align_ranks, share_prompts=share_prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,6 +297,9 @@ class DeepSpeedCore:
     data-parallel group every method here is collective: call it on every rank.
     """
 
+    # Whether the loss reads ``response_logits``, whose forward can share a prompt among the rows of a micro-batch.
+    shares_prompts = True
+
     def __init__(self, model_path: str | os.PathLike, cfg: LearnerConfig) -> None:
         import deepspeed
         from transformers import AutoTokenizer
@@ -271,6 +317,8 @@ class DeepSpeedCore:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        # The shared-prompt forward needs the KV cache in training, which gradient checkpointing turns off.
+        self.share_prompts = self.shares_prompts and cfg.share_prompts and not cfg.gradient_checkpointing
         # No DeepSpeed scheduler: it would step once per optimizer step, and an update may take several (mini-batches,
         # epochs). The rate is a function of the update count instead, set at the start of each update.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -305,7 +353,8 @@ class DeepSpeedCore:
             # Only ZeRO-3 gathers weights collectively in the forward; other stages can run unaligned forwards.
             align = D.world_size() > 1 and self.cfg.zero_stage == 3
             return compute_per_token(self.engine, samples, self.cfg.logprob_micro_batch_tokens, self.device,
-                                     self.pad_id, align_ranks=align, per_token=per_token)
+                                     self.pad_id, align_ranks=align, per_token=per_token,
+                                     share_prompts=self.share_prompts)
         finally:
             self.engine.train()
 
@@ -321,7 +370,7 @@ class DeepSpeedCore:
             raise ValueError("train_step needs at least one sample on every data-parallel rank")
         for s in samples:
             s.validate()
-        plan, count = aligned_plan([len(s.input_ids) for s in samples], self.cfg.micro_batch_tokens)
+        plan, count = aligned_plan(samples, self.cfg.micro_batch_tokens, self.share_prompts)
         local_tokens = sum(sum(s.loss_mask) if s.loss_mask else s.response_len for s in samples)
         n_global = D.all_reduce_sum(local_tokens)
         if n_global <= 0:
@@ -331,8 +380,8 @@ class DeepSpeedCore:
         self.engine.train()
         for i in range(count):
             real = i < len(plan.batches)
-            idx = plan.batches[i] if real else plan.batches[0]
-            mb = collate([samples[j] for j in idx], self.device, self.pad_id)
+            k = i if real else 0
+            mb = collate([samples[j] for j in plan.batches[k]], self.device, self.pad_id, shared_prompt=plan.shared[k])
             self.engine.set_gradient_accumulation_boundary(i == count - 1)
             loss, stats = loss_fn(mb, n_global)
             if not real:

@@ -63,3 +63,56 @@ def pack_by_token_budget(lengths: Sequence[int], token_budget: int) -> MicroBatc
         batches.append(current)
         padded += len(current) * width
     return MicroBatchPlan(batches=batches, real_tokens=int(sum(lengths)), padded_tokens=padded)
+
+
+@dataclass
+class SharedPromptPlan(MicroBatchPlan):
+    """A plan whose micro-batches may share a prompt: ``shared[k]`` says that every row of micro-batch ``k`` has the
+    same prompt, computed once for all of them (``learners/engine.py``, ``response_logits``)."""
+
+    shared: list[bool] = None  # type: ignore[assignment]
+
+
+def pack_prompt_groups(prompts: Sequence[tuple], prompt_lens: Sequence[int], response_lens: Sequence[int],
+                       token_budget: int) -> SharedPromptPlan:
+    """Micro-batches in which the samples of one prompt (a GRPO group) share that prompt's forward.
+
+    A shared micro-batch costs ``prompt + rows × longest response`` tokens instead of ``rows × (prompt + response)``:
+    with the paper's prompts about 80% of a trajectory, a group of 4 computes about 2.5× fewer tokens. Members of a
+    group are packed longest response first while that cost stays within ``token_budget`` (a group too large for one
+    micro-batch is split; each part shares the prompt). Samples whose prompt no other sample has are packed as usual
+    (``pack_by_token_budget``). ``prompts`` are hashable prompt keys (the prompt's token ids).
+    """
+    if token_budget <= 0:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    members: dict[tuple, list[int]] = {}
+    for i, key in enumerate(prompts):
+        members.setdefault(key, []).append(i)
+    batches: list[list[int]] = []
+    shared: list[bool] = []
+    real = padded = 0
+    singles: list[int] = []
+    for group in members.values():
+        if len(group) == 1:
+            singles.extend(group)
+            continue
+        prompt = prompt_lens[group[0]]
+        current: list[int] = []
+        for i in sorted(group, key=lambda i: -response_lens[i]):
+            if current and prompt + (len(current) + 1) * response_lens[current[0]] > token_budget:
+                batches.append(current)
+                current = []
+            current.append(i)
+        batches.append(current)
+    for batch in batches:
+        prompt, width = prompt_lens[batch[0]], response_lens[batch[0]]
+        real += prompt + sum(response_lens[i] for i in batch)
+        padded += prompt + len(batch) * width
+    shared = [len(batch) > 1 for batch in batches]
+    if singles:
+        rest = pack_by_token_budget([prompt_lens[i] + response_lens[i] for i in singles], token_budget)
+        batches += [[singles[j] for j in batch] for batch in rest.batches]
+        shared += [False] * len(rest.batches)
+        real += rest.real_tokens
+        padded += rest.padded_tokens
+    return SharedPromptPlan(batches=batches, real_tokens=real, padded_tokens=padded, shared=shared)

@@ -28,12 +28,14 @@ class ReferenceModel:
     """
 
     def __init__(self, model_path: str | os.PathLike, bf16: bool = True, offload: bool = False,
-                 micro_batch_tokens: int = 16384, device: str | torch.device | None = None) -> None:
+                 micro_batch_tokens: int = 16384, device: str | torch.device | None = None,
+                 share_prompts: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device) if device is not None else _default_device()
         self.offload = offload and self.device.type != "cpu"
         self.micro_batch_tokens = micro_batch_tokens
+        self.share_prompts = share_prompts
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
         self.model.config.use_cache = False
@@ -46,7 +48,8 @@ class ReferenceModel:
         if self.offload:
             self.model.to(self.device)
         try:
-            return compute_logprobs(self.model, samples, self.micro_batch_tokens, self.device, self.pad_id)
+            return compute_logprobs(self.model, samples, self.micro_batch_tokens, self.device, self.pad_id,
+                                    share_prompts=self.share_prompts)
         finally:
             if self.offload:
                 self.model.to("cpu")
@@ -57,9 +60,10 @@ class ReferenceActor:
     """Thin Ray actor over ``ReferenceModel``."""
 
     def __init__(self, model_path: str, bf16: bool = True, offload: bool = False,
-                 micro_batch_tokens: int = 16384, cpu_threads: int = 0) -> None:
+                 micro_batch_tokens: int = 16384, cpu_threads: int = 0, share_prompts: bool = True) -> None:
         use_cpu_threads(cpu_threads)
-        self.core = ReferenceModel(model_path, bf16=bf16, offload=offload, micro_batch_tokens=micro_batch_tokens)
+        self.core = ReferenceModel(model_path, bf16=bf16, offload=offload, micro_batch_tokens=micro_batch_tokens,
+                                   share_prompts=share_prompts)
 
     def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
         return self.core.logprobs(samples)

@@ -144,6 +144,28 @@ def _update(trainer, samples) -> tuple[dict, dict]:
     return {n: p - before[n] for n, p in _params(trainer).items()}, metrics
 
 
+def grouped_samples(seed: int = 4) -> list:
+    """Two GRPO-like groups of 4 (one prompt each, responses of different lengths with an observation gap) and one
+    sample whose prompt no other has."""
+    from learners.batch import LearnerSample
+
+    rng = random.Random(seed)
+    samples = []
+    for g, size in enumerate((4, 4, 1)):
+        prompt = [rng.randrange(100, 5000) for _ in range(5 + 3 * g)]
+        for k in range(size):
+            response = 4 + (k * 3 + g) % 7
+            mask = [1] * response
+            mask[1] = 0
+            samples.append(LearnerSample(prompt + [rng.randrange(100, 5000) for _ in range(response)], len(prompt),
+                                         mask, advantages=[rng.choice([-1.0, 0.5, 1.0])] * response))
+    return samples
+
+
+def _max_gap(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+
+
 def _rel_diff(a: dict, b: dict) -> float:
     import torch
 
@@ -157,7 +179,9 @@ def scenario_exact(out_dir: str) -> dict:
     import copy
 
     from launch.assets import model_path
+    from learners.engine import plan_micro_batches
     from learners.policy import PolicyTrainer
+    from learners.reference import ReferenceModel
 
     path = model_path("tiny-llama")
     samples = make_samples(seed=1, n=6)
@@ -198,6 +222,22 @@ def scenario_exact(out_dir: str) -> dict:
     first_update = [dict(entry) for entry in mini.step_log]
     mini.train_step(eight)
 
+    # Shared prompts: two groups of 4 and a single sample; computing each group's prompt once gives the unshared
+    # logprobs, loss and update (the KL and entropy terms included).
+    groups = grouped_samples()
+    reference = ReferenceModel(path, bf16=False, share_prompts=False).logprobs(groups)
+    reference_shared = ReferenceModel(path, bf16=False, share_prompts=True).logprobs(groups)
+    for sample, row in zip(groups, reference):
+        sample.ref_logprobs = [x + 0.1 for x in row]
+    shared_runs = {}
+    for share in (False, True):
+        trainer = PolicyTrainer(path, _exact_config(micro_batch_tokens=60, share_prompts=share))
+        logprobs = trainer.logprobs(groups)
+        shared_runs[share] = (logprobs, *_update(trainer, groups))
+        del trainer
+    (lp_plain, delta_plain, m_plain), (lp_shared, delta_shared, m_shared) = shared_runs[False], shared_runs[True]
+    plan = plan_micro_batches(groups, 60, share_prompts=True)
+
     return {
         "micro_batches": [metrics_one["actor/micro_batches"], metrics_many["actor/micro_batches"]],
         "rel_diff_split": _rel_diff(delta_one, delta_many),
@@ -211,6 +251,12 @@ def scenario_exact(out_dir: str) -> dict:
         "mini_lrs": [entry["lr"] for entry in first_update] + [entry["lr"] for entry in mini.step_log],
         "mini_steps": [metrics_mini["actor/optimizer_steps"], mini.global_step, mini.updates],
         "mini_ratio": [metrics_mini["actor/ratio_mean"], metrics_mini["actor/clip_frac"]],
+        "shared_ref_gap": _max_gap(reference, reference_shared),
+        "shared_logprob_gap": _max_gap(lp_plain, lp_shared),
+        "shared_rel_diff": _rel_diff(delta_plain, delta_shared),
+        "shared_metrics": [[m[k] for k in ("actor/pg_loss", "actor/grad_norm", "actor/kl", "actor/entropy")]
+                           for m in (m_plain, m_shared)],
+        "shared_plan": [len(b) for b, shared in zip(plan.batches, plan.shared) if shared],
     }
 
 
@@ -346,6 +392,12 @@ def test_gradient_accumulation_is_exact_and_mask_zero_tokens_do_not_count(tmp_pa
     assert result["mini_hand"][0] != pytest.approx(result["mini_hand"][1])
     assert result["mini_lrs"] == pytest.approx([25.0, 25.0, 50.0, 50.0])
     assert result["mini_ratio"] == pytest.approx([1.0, 0.0])
+    # Shared prompts compute what the unshared forward computes: logprobs (reference and policy), loss, gradient.
+    assert result["shared_plan"] and all(n > 1 for n in result["shared_plan"])  # some micro-batch did share
+    assert result["shared_ref_gap"] < 1e-5 and result["shared_logprob_gap"] < 1e-5, result
+    assert result["shared_rel_diff"] < 1e-4, result
+    plain, shared = result["shared_metrics"]
+    assert shared == pytest.approx(plain, rel=1e-5)
 
 
 @pytest.mark.slow

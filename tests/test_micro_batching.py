@@ -57,3 +57,20 @@ def test_shards_balance_tokens_across_ranks():
     assert shard_by_tokens([5, 9, 2, 7, 3], 2) == [[1, 2, 4], [0, 3]]
     with pytest.raises(ValueError):
         shard_by_tokens([5], 2)
+
+
+def test_prompt_groups_share_a_micro_batch_within_the_budget():
+    """Prompt A (10 tokens) has responses of 6, 4, 5; B (8 tokens) has 3 and 3; C (7) is alone, with 2.
+    Budget 30: A's group costs 10 + 3 × 6 = 28 (its rows padded to 6), B's 8 + 2 × 3 = 14, C goes to the ordinary
+    packer. Real tokens 10 + 15, 8 + 6, 9; computed 28, 14, 9."""
+    from learners.micro_batching import pack_prompt_groups
+
+    keys = ["A", "B", "A", "C", "A", "B"]
+    prompts = [10, 8, 10, 7, 10, 8]
+    responses = [6, 3, 4, 2, 5, 3]
+    plan = pack_prompt_groups(keys, prompts, responses, token_budget=30)
+    assert plan.batches == [[0, 4, 2], [1, 5], [3]] and plan.shared == [True, True, False]
+    assert (plan.real_tokens, plan.padded_tokens) == (25 + 14 + 9, 28 + 14 + 9)
+    # A budget of 25 splits A's group: 10 + 2 × 6 = 22 fits, a third row (28) does not; the rest shares alone.
+    tight = pack_prompt_groups(keys, prompts, responses, token_budget=25)
+    assert tight.batches[:2] == [[0, 4], [2]] and tight.shared[:2] == [True, False]
