@@ -100,11 +100,13 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
             t_step = time.perf_counter()
             rollouts.fill(step)                                                          # 1-3, K steps ahead
             batch, t_wait = rollouts.take(step)                                          # 1-3
+            t_score = time.perf_counter()
             samples, score_metrics = cluster.score(batch.trajectories)                  # 4
+            t_score = time.perf_counter() - t_score
             train_metrics, t_train = cluster.update(samples)                             # 5
             t_idle = rollouts.wait_idle()  # weights change only between rollouts
             sync_metrics = cluster.sync_weights(version=step)                            # 6
-            metrics = _step_metrics(batch, {**score_metrics, **train_metrics}, sync_metrics, t_train,
+            metrics = _step_metrics(batch, {**score_metrics, **train_metrics}, sync_metrics, t_score, t_train,
                                     time.perf_counter() - t_step, t_wait, t_idle, cluster)
             if cfg.train.val_every and step % cfg.train.val_every == 0:  # the engines are idle since the sync
                 metrics.update(cluster.validate(val_examples))
@@ -419,7 +421,7 @@ class Cluster:
         return ray.get(self.pool.stats.remote(), timeout=30)
 
 
-def _step_metrics(batch, train_metrics, sync_metrics, t_train, t_step, t_wait, t_idle,
+def _step_metrics(batch, train_metrics, sync_metrics, t_score, t_train, t_step, t_wait, t_idle,
                   cluster: Cluster) -> dict[str, float]:
     from launch.batching import rollout_metrics
 
@@ -446,9 +448,12 @@ def _step_metrics(batch, train_metrics, sync_metrics, t_train, t_step, t_wait, t
         "timing_s/wait_rollout": t_wait,
         "timing_s/wait_idle": t_idle,
         "timing_s/sim_per_episode": statistics.fmean(t.stats.search_s for t in trajectories),
+        # Reference logprobs, recomputed old logprobs, critic values and advantages: the learners' passes before the
+        # update.
+        "timing_s/score": t_score,
         "timing_s/train": t_train,
         "timing_s/step": t_step,
-        "timing_s/other": max(0.0, t_step - t_wait - t_train - t_idle - sync_metrics["timing_s/sync"]),
+        "timing_s/other": max(0.0, t_step - t_wait - t_score - t_train - t_idle - sync_metrics["timing_s/sync"]),
         "perf/tokens_per_s": generated / max(batch.gen_s, 1e-9),
         # 1.0 when rollout and training overlap perfectly (async); about 1 + faster/slower when they alternate.
         "perf/step_vs_slowest": t_step / max(batch.gen_s, t_train, 1e-9),
@@ -489,7 +494,8 @@ class _Progress:
             f"searches {m['search/calls_per_episode']:.2f}  signal {m['data/signal_share']:.2f}  "
             f"valid {m['episode/valid_action_share']:.2f}  "
             f"kl {m.get('actor/kl', 0.0):.4f}  step {m['timing_s/step']:.1f}s (gen {m['timing_s/gen']:.1f}s, "
-            f"train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)", file=sys.stdout)
+            f"score {m['timing_s/score']:.1f}s, train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)",
+            file=sys.stdout)
         self.silent = self.silent + 1 if m["data/signal_share"] == 0.0 else 0
         if self.silent == self.SILENT_STEPS:
             self.bar.write(silent_warning(self.silent, m), file=sys.stdout)

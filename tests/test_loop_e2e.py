@@ -40,6 +40,8 @@ def test_ppo_trains_policy_and_critic(tmp_path):
         assert row["actor/clip_frac"] == 0.0 and abs(row["actor/ratio_mean"] - 1.0) < 1e-4
         # Whitened GAE over model tokens: mean 0 on the tokens it covers.
         assert abs(row["critic/advantages/mean"]) < 1e-5
+        # The passes before the update (reference, old logprobs, values) are timed apart from it.
+        assert 0.0 < row["timing_s/score"] < row["timing_s/step"]
     # The KL went into the reward (train.kl_penalty=auto is `reward` for PPO): 0 while π_old is the reference (step
     # 1, both in fp32), and not once the policy has moved.
     assert abs(rows[0]["critic/reward_kl"]) < 1e-5 and rows[1]["critic/reward_kl"] != 0.0

@@ -233,7 +233,7 @@ def test_a_run_without_signal_warns_once_and_says_why(capsys):
     progress = _Progress(total=6)
     row = {"critic/score/mean": 0.0, "search/noise_prob": 0.0, "search/calls_per_episode": 1.0,
            "data/signal_share": 0.0, "episode/valid_action_share": 1.0, "timing_s/step": 1.0, "timing_s/gen": 0.5,
-           "timing_s/train": 0.4, "timing_s/sync": 0.1, "actor/entropy": 0.012}
+           "timing_s/score": 0.1, "timing_s/train": 0.3, "timing_s/sync": 0.1, "actor/entropy": 0.012}
     for step in range(1, 6):
         progress.show(step, row)
     progress.close()
