@@ -432,8 +432,10 @@ class DeepSpeedCore:
             for idx in mini_batches:
                 part, n, plan, loss = self._accumulate([samples[i] for i in idx], loss_fn)
                 for key, value in part.items():
-                    sums[key] = max(sums[key], value) if key.endswith("_max") and key in sums else \
-                        sums.get(key, 0.0) + value
+                    if key.endswith("_max"):
+                        sums[key] = max(sums.get(key, value), value)
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value
                 tokens += n
                 self.step_log.append({"epoch": epoch, "loss": loss, "grad_norm": self.grad_norm(), "lr": lr,
                                       "tokens": n, "micro_batches": float(len(plan.batches))})

@@ -8,7 +8,7 @@ uses as few micro-batches as the budget allows. Pure Python: no torch, checked b
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -70,7 +70,7 @@ class SharedPromptPlan(MicroBatchPlan):
     """A plan whose micro-batches may share a prompt: ``shared[k]`` says that every row of micro-batch ``k`` has the
     same prompt, computed once for all of them (``learners/engine.py``, ``response_logits``)."""
 
-    shared: list[bool] = None  # type: ignore[assignment]
+    shared: list[bool] = field(default_factory=list)
 
 
 def pack_prompt_groups(prompts: Sequence[tuple], prompt_lens: Sequence[int], response_lens: Sequence[int],
