@@ -31,6 +31,7 @@ from torch import Tensor
 from learners import distributed as D
 from learners.batch import LearnerSample
 from learners.config import LearnerConfig
+from learners.config import mini_batches as consecutive_mini_batches
 from learners.micro_batching import MicroBatchPlan, SharedPromptPlan, pack_by_token_budget, pack_prompt_groups
 from learners.weight_broadcast import weights_checksum
 
@@ -253,6 +254,18 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def merge_metric_sums(into: dict[str, float], part: dict[str, float]) -> None:
+    """Add ``part``'s metric sums into ``into``; keys ending in ``_max`` keep the maximum instead."""
+    for key, value in part.items():
+        value = float(value)
+        if key not in into:
+            into[key] = value
+        elif key.endswith("_max"):
+            into[key] = max(into[key], value)
+        else:
+            into[key] += value
+
+
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warmup then constant: (step + 1) / warmup for the first ``warmup`` steps, 1 afterwards.
 
@@ -389,9 +402,7 @@ class DeepSpeedCore:
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             if real:
                 sums["_loss"] += float(loss.detach())
-                for key, value in stats.items():
-                    combine = max if key.endswith("_max") else (lambda a, b: a + b)
-                    sums[key] = combine(sums[key], float(value)) if key in sums else float(value)
+                merge_metric_sums(sums, stats)
         self.engine.step()
         self.global_step += 1
         if D.world_size() > 1:
@@ -420,10 +431,8 @@ class DeepSpeedCore:
         global mini-batch (``LearnerGroup`` shards them). Returns the last pass's metric sums and masked-token count
         over all its mini-batches, and the plan of its last mini-batch; ``step_log`` gets one entry per optimizer step.
         """
-        from learners.config import mini_batches as consecutive
-
         if mini_batches is None:
-            mini_batches = consecutive(len(samples), self.cfg.mini_batch_size)
+            mini_batches = consecutive_mini_batches(len(samples), self.cfg.mini_batch_size)
         lr = self._set_lr()
         self.step_log = []
         for epoch in range(epochs):
@@ -431,11 +440,7 @@ class DeepSpeedCore:
             tokens = 0.0
             for idx in mini_batches:
                 part, n, plan, loss = self._accumulate([samples[i] for i in idx], loss_fn)
-                for key, value in part.items():
-                    if key.endswith("_max"):
-                        sums[key] = max(sums.get(key, value), value)
-                    else:
-                        sums[key] = sums.get(key, 0.0) + value
+                merge_metric_sums(sums, part)
                 tokens += n
                 self.step_log.append({"epoch": epoch, "loss": loss, "grad_norm": self.grad_norm(), "lr": lr,
                                       "tokens": n, "micro_batches": float(len(plan.batches))})
