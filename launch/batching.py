@@ -75,10 +75,15 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     turns = sum(t.stats.turns for t in trajectories)
     searches = [s for t in trajectories for s in t.stats.noisy]
     # Reward per data source: on the synthetic world, single-hop and two-hop questions apart.
+    sources = sorted({t.data_source for t in trajectories})
     by_source = {f"critic/score/{source}": mean(t.reward for t in trajectories if t.data_source == source)
-                 for source in sorted({t.data_source for t in trajectories})}
+                 for source in sources}
+    # Searches per episode per source: on two-hop questions a second search is the skill RL should teach.
+    by_source.update({f"search/calls_per_episode/{source}": mean(t.stats.searches for t in trajectories
+                                                                 if t.data_source == source) for source in sources})
     return {
         **by_source,
+        **answer_in_first_results(trajectories),
         "critic/score/mean": mean(t.reward for t in trajectories),
         "critic/score/max": max(t.reward for t in trajectories),
         "response_length/mean": mean(len(t.response_ids) for t in trajectories),
@@ -91,3 +96,23 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
         "episode/turns_mean": mean(t.stats.turns for t in trajectories),
         "episode/errors": float(sum(t.stats.finish_reason == "error" for t in trajectories)),
     }
+
+
+def answer_in_first_results(trajectories: list[Trajectory]) -> dict[str, float]:
+    """Per data source, the share of first searches whose documents already contain a gold answer, and the same
+    for the simulator's useful and noisy draws apart. On two-hop questions a real engine almost never does this
+    (the answer is one hop further); a simulator that was shown the answer may write it in, and a policy trained on
+    that learns a one-search shortcut that fails against a real engine."""
+    from actors.reward import substring_match
+
+    hits: dict[str, list[float]] = {}
+    for t in trajectories:
+        if not t.stats.documents:
+            continue
+        found = float(substring_match("\n".join(t.stats.documents[0]), tuple(t.golden_answers)))
+        hits.setdefault(f"search/answer_in_first_results/{t.data_source}", []).append(found)
+        noisy = t.stats.noisy[0] if t.stats.noisy else None
+        if noisy is not None:
+            draw = "noisy" if noisy else "useful"
+            hits.setdefault(f"search/answer_in_first_results/{t.data_source}/{draw}", []).append(found)
+    return {key: statistics.fmean(values) for key, values in sorted(hits.items())}

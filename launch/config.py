@@ -354,6 +354,30 @@ class SimulationConfig:
 
 
 @dataclass
+class ComparisonConfig:
+    """The paper's comparison in miniature (``python -m launch.experiment``, ``conf/comparison.yaml``): the shipped
+    model, the warm-up policy alone, and RL from that policy against BM25 and against the simulators, every policy
+    evaluated the same way (agent method, real BM25, the test split, greedy).
+
+    Attributes:
+        dir: the experiment's folder: one sub-folder per arm (its training run and its evaluation), ``results.md``,
+            ``results.json`` and the curves. An arm whose ``arm.json`` is there is done and skipped on a rerun; an
+            interrupted RL arm resumes from its last checkpoint.
+        arms: which arms to run, of ``base``, ``warmup``, ``rl_bm25``, ``rl_sim_prompt``, ``rl_sim_tuned``.
+        tuned_simulator: the HF folder of a tuned simulator for ``rl_sim_tuned``; empty: ``simulation.dir``'s
+            ``tuned/hf`` (what ``make simulator`` writes). The arm is skipped, and says so, when neither exists.
+        eval_limit: test questions per evaluation, the first in file order; 0: the whole test split.
+        baseline_methods: methods the two baselines are evaluated with (RL arms: agent only).
+    """
+
+    dir: str = "runs/experiment"
+    arms: list[str] = field(default_factory=lambda: ["base", "warmup", "rl_bm25", "rl_sim_prompt", "rl_sim_tuned"])
+    tuned_simulator: str = ""
+    eval_limit: int = 0
+    baseline_methods: list[str] = field(default_factory=lambda: ["direct", "rag", "agent"])
+
+
+@dataclass
 class Config:
     """The whole run. Groups are chosen on the command line (``model=tiny_llama``), fields set with ``key=value``.
 
@@ -361,6 +385,7 @@ class Config:
         critic: the PPO critic's learner settings (``conf/critic/``; lr 1e-5, warmup ratio 0.015 and value clip 0.5 in
             the paper). Unused by the other algorithms.
         simulation: simulation tuning (``launch.collect_sim_data``, ``tune_simulator``, ``simulator_report``).
+        comparison: the comparison of ``launch.experiment`` (unused by training).
         seed: seeds prompts order, rollouts and the learners.
         resume: ``off``; ``auto`` continues from the newest checkpoint in the run folder when there is one (else
             starts fresh); or the path of a run folder to continue in. Restores the learners' DeepSpeed states, the
@@ -380,6 +405,7 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     critic: LearnerConfig = field(default_factory=LearnerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
     seed: int = 0
     resume: str = "off"
 

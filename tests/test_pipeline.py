@@ -215,16 +215,39 @@ def test_rollout_metrics_give_the_reward_per_data_source():
     from actors.trajectory import EpisodeStats
     from launch.batching import rollout_metrics
 
-    def episode(source: str, reward: float, finish: str = "answer"):
+    def episode(source: str, reward: float, finish: str = "answer", searches: int = 1):
         return SimpleNamespace(reward=reward, data_source=source, response_ids=[1, 2], loss_mask=[1, 1],
-                               stats=EpisodeStats(turns=2, searches=1, valid_actions=2, answered=True,
+                               stats=EpisodeStats(turns=2, searches=searches, valid_actions=2, answered=True,
                                                   finish_reason=finish, generated_tokens=2))
 
     metrics = rollout_metrics([episode("synthetic_1hop", 1.0), episode("synthetic_1hop", 0.5),
-                               episode("synthetic_2hop", 0.0, finish="error")])
+                               episode("synthetic_2hop", 0.0, finish="error", searches=2)])
     assert metrics["critic/score/synthetic_1hop"] == pytest.approx(0.75)
     assert metrics["critic/score/synthetic_2hop"] == 0.0
+    assert metrics["search/calls_per_episode/synthetic_1hop"] == 1.0
+    assert metrics["search/calls_per_episode/synthetic_2hop"] == 2.0
     assert metrics["critic/score/mean"] == pytest.approx(0.5) and metrics["episode/errors"] == 1.0
+
+
+def test_answer_in_first_results_counts_the_simulators_shortcut_by_draw():
+    from actors.trajectory import EpisodeStats
+    from launch.batching import answer_in_first_results
+
+    def episode(source: str, first_docs: list[str], noisy: bool | None):
+        stats = EpisodeStats(searches=2, documents=[first_docs, ["Karth is in Velmor."]], noisy=[noisy, noisy])
+        return SimpleNamespace(data_source=source, golden_answers=("Velmor",), stats=stats)
+
+    metrics = answer_in_first_results([
+        episode("synthetic_2hop", ["Tavo was born in Karth."], noisy=False),       # the real first hop: no answer
+        episode("synthetic_2hop", ["Tavo was born in Karth, in Velmor."], noisy=False),  # the shortcut
+        episode("synthetic_2hop", ["velmor is far away"], noisy=True),            # case-insensitive hit
+        episode("synthetic_1hop", ["nothing"], noisy=None),                       # a real engine: no draw
+        SimpleNamespace(data_source="synthetic_1hop", golden_answers=("x",), stats=EpisodeStats()),  # no search
+    ])
+    assert metrics == {"search/answer_in_first_results/synthetic_1hop": 0.0,
+                       "search/answer_in_first_results/synthetic_2hop": pytest.approx(2 / 3),
+                       "search/answer_in_first_results/synthetic_2hop/noisy": 1.0,
+                       "search/answer_in_first_results/synthetic_2hop/useful": 0.5}
 
 
 def test_a_run_without_signal_warns_once_and_says_why(capsys):
