@@ -215,8 +215,8 @@ def _write_results(out: Path, cfg: Config, arms: dict[str, dict[str, Any]], warm
     curves = plot_curves(out, {arm: Path(a["run_dir"]) for arm, a in arms.items() if a["run_dir"]})
     lines = [f"Policy `{cfg.model.name}`; world seed {setting['world_seed']}; every RL arm {t.algorithm}, "
              f"{t.total_steps} steps of {t.prompts_per_step} questions x {t.group_size}, lr {cfg.learner.lr:g}. "
-             f"Evaluation: agent (and the baselines' direct and rag), real BM25 top {cfg.search.top_k}, the test split, "
-             f"greedy.", "",
+             f"Evaluation: agent (and the baselines' direct and rag), real BM25 top {cfg.search.top_k}, the test "
+             f"split, greedy.", "",
              "| arm | method | SubEM | EM | F1 | searches | SubEM 1-hop | SubEM 2-hop | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
