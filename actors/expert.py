@@ -12,6 +12,12 @@ as a rollout is: the same prompt tokens, the same ``<information>`` block from a
 
 Only *grounded* demonstrations are kept for training: those whose retrieved documents contain the gold answer. The
 policy should learn to answer from what it read, not to recite answers it could not have found.
+
+The thoughts are drawn from a few phrasings per turn (by the demonstration's seed); the query is always the question.
+One fixed thought per turn trains to a loss near 0 within a few steps and leaves a policy whose samples of a question
+are all alike, so RL's groups carry no signal. Varied thoughts keep probability mass on the decision after
+``<information>`` (to answer, or to think about what is still missing) without demonstrating a second search, which is
+what RL is there to find.
 """
 
 from __future__ import annotations
@@ -25,8 +31,20 @@ from actors.protocol import OBSERVATION_HEAD, OBSERVATION_TAIL, prompt_token_ids
 from actors.reward import substring_match
 from simulator.base import SearchEngine
 
-SEARCH_TURN = "<think> I need to find {topic}. I will search for it. </think>\n<search> {query} </search>"
-ANSWER_TURN = "<think> The information above gives the answer. </think>\n<answer> {answer} </answer>"
+SEARCH_TURN = "<think> {thought} </think>\n<search> {query} </search>"
+ANSWER_TURN = "<think> {thought} </think>\n<answer> {answer} </answer>"
+SEARCH_THOUGHTS = (
+    "I need to find {topic}. I will search for it.",
+    "I do not know {topic}, so I will search for it.",
+    "To answer, I have to look up {topic}.",
+    "Let me search for {topic}.",
+)
+ANSWER_THOUGHTS = (
+    "The information above gives the answer.",
+    "The documents answer the question.",
+    "I found what the question asks for in the results.",
+    "The search results contain the answer.",
+)
 
 _INFORMATION = re.compile(re.escape(OBSERVATION_HEAD.strip()) + r"(.*?)" + re.escape(OBSERVATION_TAIL.strip()),
                           re.DOTALL)
@@ -69,9 +87,13 @@ async def write_demonstration(
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
 ) -> Demonstration:
-    """One demonstration: the expert searches the question, reads the real result, and answers with the gold answer."""
-    turns = [SEARCH_TURN.format(topic=_topic(question), query=expert_query(question)),
-             ANSWER_TURN.format(answer=golden_answers[0])]
+    """One demonstration: the expert searches the question, reads the real result, and answers with the gold answer.
+    ``seed`` picks the phrasing of its two thoughts."""
+    k = 0 if seed is None else seed
+    search_thought = SEARCH_THOUGHTS[k % len(SEARCH_THOUGHTS)].format(topic=_topic(question))
+    answer_thought = ANSWER_THOUGHTS[(k // len(SEARCH_THOUGHTS)) % len(ANSWER_THOUGHTS)]
+    turns = [SEARCH_TURN.format(thought=search_thought, query=expert_query(question)),
+             ANSWER_TURN.format(thought=answer_thought, answer=golden_answers[0])]
     written = 0
 
     async def generate(context_ids: list[int], budget: int) -> Generation:

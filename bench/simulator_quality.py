@@ -7,6 +7,11 @@ synthetic world, the question itself is the query; `SimulatedSearch` over the re
 probability 0 (useful) and once with 1 (noisy). An answer "appears" when the normalized gold answer
 (`actors.reward.normalize_answer`) occurs as a whole-word span in the normalized documents. Reported per kind: the
 rate over replies and over single documents, documents per reply, failed searches; and the useful - noisy gap.
+
+The one-search shortcut: the useful prompt carries the gold answer, so on a two-hop question the simulator may write
+the final answer into the results of the first search (the question as the query), which real BM25 over the same
+corpus almost never does. ``two_hop`` gives the answer-in-reply rate of useful, noisy and BM25 results on the two-hop
+questions alone, and what the curriculum's mix gives at noise probability p (``(1-p) useful + p noisy``).
 Prints one JSON object.
 """
 
@@ -27,17 +32,32 @@ from simulator.config import SimulatorConfig  # noqa: E402
 from simulator.tuning_data import contains_answer  # noqa: E402
 
 
-def load_questions(n: int, seed: int) -> list[dict]:
+def load_questions(n: int, seed: int, folder: str) -> tuple[list[dict], Path]:
+    """The first ``n`` test and validation questions of a synthetic world written to ``folder``, and its corpus."""
     import pyarrow.parquet as pq
 
     from launch.synthetic_world import write_world
 
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_world(tmp, seed=seed, entities=200)
-        rows = pq.read_table(paths["test"]).to_pylist() + pq.read_table(paths["val"]).to_pylist()
+    paths = write_world(folder, seed=seed, entities=200)
+    rows = pq.read_table(paths["test"]).to_pylist() + pq.read_table(paths["val"]).to_pylist()
     if len(rows) < n:
         raise SystemExit(f"the synthetic world has only {len(rows)} test/val questions; ask for fewer")
-    return rows[:n]
+    return rows[:n], paths["corpus"]
+
+
+def two_hop_shortcut(rows, useful, noisy, real, noise_probs=(0.0, 0.25, 0.5)) -> dict[str, float]:
+    """Answer-in-reply rates on the two-hop questions: the simulator's useful and noisy results, BM25's, and the
+    curriculum's mix at each noise probability."""
+    two = [i for i, r in enumerate(rows) if r["extra_info"]["hops"] == 2]
+
+    def rate(results) -> float:
+        return sum(contains_answer(results[i].text, rows[i]["golden_answers"]) for i in two) / max(1, len(two))
+
+    out = {"questions": len(two), "useful": round(rate(useful), 3), "noisy": round(rate(noisy), 3),
+           "bm25": round(rate(real), 3)}
+    for p in noise_probs:
+        out[f"mix_at_noise_{p}"] = round((1 - p) * out["useful"] + p * out["noisy"], 3)
+    return out
 
 
 def summarize(results, answers: list[list[str]]) -> dict[str, float]:
@@ -61,6 +81,8 @@ async def run_searches(engine, rows, noise_prob: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--mode", default="prompt", choices=("prompt", "sft"),
+                        help="sft for a tuned simulator (make simulator's runs/simulation/tuned/hf)")
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--servers", type=int, default=2)
@@ -69,16 +91,19 @@ def main() -> None:
 
     import ray
 
+    from simulator.engines import BM25Search
     from simulator.pool import create_simulator_pool
     from simulator.simulated import SimulatedSearch
 
-    rows = load_questions(args.questions, args.seed)
-    cfg = SimulatorConfig(model=args.model, mode="prompt", num_servers=args.servers, max_tokens=args.max_tokens,
+    world = tempfile.TemporaryDirectory()
+    rows, corpus = load_questions(args.questions, args.seed, world.name)
+    real = asyncio.run(run_searches(BM25Search(corpus, top_k=5), rows, noise_prob=0.0))
+    cfg = SimulatorConfig(model=args.model, mode=args.mode, num_servers=args.servers, max_tokens=args.max_tokens,
                           request_timeout_s=900.0, health_check_interval_s=0.0, seed=args.seed)
     ray.init(address="local", num_cpus=max(2, args.servers), include_dashboard=False, log_to_driver=False)
     try:
         pool = create_simulator_pool(cfg)
-        engine = SimulatedSearch(pool, mode="prompt", timeout_s=3600.0)
+        engine = SimulatedSearch(pool, mode=args.mode, timeout_s=3600.0)
         start = time.perf_counter()
         useful = asyncio.run(run_searches(engine, rows, noise_prob=0.0))
         noisy = asyncio.run(run_searches(engine, rows, noise_prob=1.0))
@@ -89,8 +114,9 @@ def main() -> None:
     answers = [r["golden_answers"] for r in rows]
     assert all(r.meta.noisy is False for r in useful) and all(r.meta.noisy is True for r in noisy)
     result = {
-        "model": args.model, "mode": "prompt", "questions": len(rows), "max_tokens": args.max_tokens,
+        "model": args.model, "mode": args.mode, "questions": len(rows), "max_tokens": args.max_tokens,
         "useful": summarize(useful, answers), "noisy": summarize(noisy, answers),
+        "two_hop": two_hop_shortcut(rows, useful, noisy, real),
         "seconds": round(elapsed, 1), "pool_failures": stats["failures"],
         "example_useful": {"question": rows[0]["question"], "answer": rows[0]["golden_answers"][0],
                            "text": useful[0].text[:600]},
@@ -98,6 +124,7 @@ def main() -> None:
     }
     result["gap_reply_rate"] = round(result["useful"]["answer_in_reply_rate"] - result["noisy"]["answer_in_reply_rate"],
                                      3)
+    world.cleanup()
     print(json.dumps(result, indent=2))
 
 

@@ -492,7 +492,7 @@ class _Progress:
         self.bar.write(
             f"step {step}/{self.total}  reward {m['critic/score/mean']:.3f}  noise {m['search/noise_prob']:.3f}  "
             f"searches {m['search/calls_per_episode']:.2f}  signal {m['data/signal_share']:.2f}  "
-            f"valid {m['episode/valid_action_share']:.2f}  "
+            f"valid {m['episode/valid_action_share']:.2f}  entropy {m.get('actor/entropy', float('nan')):.3f}  "
             f"kl {m.get('actor/kl', 0.0):.4f}  step {m['timing_s/step']:.1f}s (gen {m['timing_s/gen']:.1f}s, "
             f"score {m['timing_s/score']:.1f}s, train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)",
             file=sys.stdout)

@@ -34,7 +34,7 @@ from launch.config import Config, register_configs
 
 register_configs()
 
-WARMUP_RECIPE_VERSION = 1
+WARMUP_RECIPE_VERSION = 2  # 2: varied thoughts (actors/expert.py)
 SUMMARY_FILE = "warmup.json"
 
 

@@ -261,6 +261,6 @@ def test_a_run_without_signal_warns_once_and_says_why(capsys):
         progress.show(step, row)
     progress.close()
     out = capsys.readouterr().out
-    assert out.count("signal 0.00") == 5
+    assert out.count("signal 0.00") == 5 and out.count("entropy 0.012") == 5
     assert out.count("warning:") == 1 and "data/signal_share 0" in out and "0.012 nats/token" in out
     assert "train.group_size" in out

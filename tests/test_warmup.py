@@ -65,6 +65,21 @@ def test_ungrounded_demonstration_is_flagged(single_hop, bm25, tokenizer):
     assert demo.reward == 1.0  # the expert still answers with the gold; such demos are dropped, not trained on
 
 
+def test_demonstrations_vary_their_thoughts_but_always_search_the_question(single_hop, bm25, tokenizer):
+    from actors.expert import ANSWER_THOUGHTS, SEARCH_THOUGHTS
+
+    example = single_hop[0]
+    cfg = EpisodeConfig(max_obs_tokens=400)
+    demos = [asyncio.run(write_demonstration(example.question, example.golden_answers, bm25, tokenizer, cfg, seed=k))
+             for k in range(len(SEARCH_THOUGHTS) * len(ANSWER_THOUGHTS))]
+    texts = [d.response_text for d in demos]
+    assert len(set(texts)) == len(texts)  # every pair of phrasings once
+    for text in texts:
+        first = cut_at_action(text)
+        assert parse_action(first).content == expert_query(example.question)
+        assert text.count("<search>") == 1 and text.endswith(f"<answer> {example.golden_answers[0]} </answer>")
+
+
 def test_most_single_hop_demonstrations_are_grounded(single_hop, bm25, tokenizer):
     demos = [_demo(x, bm25, tokenizer) for x in single_hop[:40]]
     assert sum(d.grounded for d in demos) >= 36  # measured: 40 of 40 with top 3 on this world
