@@ -163,7 +163,8 @@ def test_train_total_steps_is_the_one_run_length():
     curriculum = build_curriculum(typed.curriculum)
     assert curriculum.noise_prob(10) == typed.curriculum.p_end == 0.5
     assert curriculum.noise_prob(9) < 0.5
-    assert typed.learner.resolved_warmup_steps() == int(0.95 * 10) == 9
+    assert typed.learner.resolved_warmup_steps() == 0  # the CPU default: no learning-rate warm-up on a short run
+    assert _typed("train.total_steps=10", "algorithm=grpo").learner.resolved_warmup_steps() == int(0.95 * 10) == 9
     assert typed.critic.resolved_warmup_steps() == int(0.015 * 10) == 0
     # A key set on purpose still decouples one of them.
     assert compose("train.total_steps=10", "curriculum.total_steps=40")["curriculum"]["total_steps"] == 40
