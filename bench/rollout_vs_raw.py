@@ -2,8 +2,8 @@
 
     python bench/rollout_vs_raw.py [--prompts 8] [--group 4] [overrides ...]
 
-Starts one policy ``RolloutActor`` as training does (``launch.train.policy_engine_options``: the training config's
-model, dtype and engine settings; the warmed-up policy, from the warm-up cache), searching real BM25 so that no
+Starts one policy ``RolloutActor`` as training does (``launch.driver.cluster.policy_engine_options``: the training
+config's model, dtype and engine settings; the warmed-up policy, from the warm-up cache), searching real BM25 so that no
 simulator shares the cores. It runs ``--prompts`` training questions × ``--group`` episodes of the search protocol,
 then plain single-turn ``generate`` of the same prompts at the same mean number of generated tokens per episode
 (``raw_generate``: every request at once, no stop strings, no searches, no observation prefill). ``ratio`` is the
@@ -57,10 +57,9 @@ def main() -> None:
     from actors.dataset import load_qa
     from actors.rollout import RolloutActor
     from launch.assets import resolve_model
-    from launch.batching import episode_requests
+    from launch.driver.cluster import init_ray, policy_engine_options
+    from launch.driver.sampler import PromptSampler, episode_requests
     from launch.paths import ensure_data
-    from launch.sampler import PromptSampler
-    from launch.train import init_ray, policy_engine_options
     from launch.warmup import warm_up
     from simulator.simulated import build_search_engine
 

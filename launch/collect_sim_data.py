@@ -70,7 +70,7 @@ def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) 
 
     from actors.dataset import load_qa
     from actors.rollout import EpisodeRequest, RolloutActor
-    from launch.train import policy_engine_options
+    from launch.driver.cluster import policy_engine_options
     from simulator.simulated import build_search_engine
 
     c = cfg.simulation.collect
@@ -192,9 +192,9 @@ def previous_collection(out: Path) -> tuple[list[SearchRecord], dict[str, Any]]:
 def main(dict_cfg: DictConfig) -> None:
     import ray
 
+    from launch.driver.cluster import init_ray
     from launch.evaluate import resolve_policy
     from launch.paths import ensure_data, resolve
-    from launch.train import init_ray
     from launch.warmup import should_warm_up, warm_up
 
     cfg: Config = OmegaConf.to_object(dict_cfg)

@@ -31,7 +31,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from launch.config import Config, register_configs
-from launch.train import _atomic_write_json
+from launch.driver.checkpoint import atomic_write_json
 
 register_configs()
 
@@ -80,7 +80,7 @@ def run_experiment(dict_cfg: DictConfig, overrides: list[str]) -> dict[str, Any]
             result = _run_arm(arm, cfg, overrides, base_model, warmed, files, folder)
             if result is None:
                 continue
-            _atomic_write_json(folder / ARM_FILE, result)
+            atomic_write_json(folder / ARM_FILE, result)
             arms[arm] = result
         _write_results(out, cfg, arms, warmup_s)
     return _write_results(out, cfg, arms, warmup_s)
@@ -91,8 +91,8 @@ def _warmed_policy(cfg: Config, out: Path) -> tuple[str, str, float]:
     import ray
 
     from launch.assets import resolve_model
+    from launch.driver.cluster import init_ray
     from launch.paths import ensure_data
-    from launch.train import init_ray
     from launch.warmup import warm_up
 
     base = resolve_model(cfg.model.name)
@@ -105,7 +105,7 @@ def _warmed_policy(cfg: Config, out: Path) -> tuple[str, str, float]:
         ray.shutdown()
     seconds = 0.0 if summary.get("cached") else time.perf_counter() - started
     if summary:
-        _atomic_write_json(out / "warmup.json", {k: v for k, v in summary.items() if k != "example"})
+        atomic_write_json(out / "warmup.json", {k: v for k, v in summary.items() if k != "example"})
     return base, warmed, summary.get("seconds", seconds) if summary else 0.0
 
 
@@ -148,7 +148,7 @@ def train_arm(overrides: list[str], arm_overrides: list[str], policy: str, run_d
     started = time.perf_counter()
     summary = train(OmegaConf.to_object(composed), run_dir, OmegaConf.to_container(composed, resolve=True))
     spent += time.perf_counter() - started
-    _atomic_write_json(spent_file, {"seconds": spent})
+    atomic_write_json(spent_file, {"seconds": spent})
     return summary, spent
 
 
@@ -211,7 +211,7 @@ def _write_results(out: Path, cfg: Config, arms: dict[str, dict[str, Any]], warm
                "group_size": t.group_size, "lr": cfg.learner.lr, "top_k": cfg.search.top_k,
                "max_turns": cfg.rollout.episode.max_turns, "warmup_s": warmup_s}
     results = {"setting": setting, "rows": rows}
-    _atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     curves = plot_curves(out, {arm: Path(a["run_dir"]) for arm, a in arms.items() if a["run_dir"]})
     lines = [f"Policy `{cfg.model.name}`; world seed {setting['world_seed']}; every RL arm {t.algorithm}, "
              f"{t.total_steps} steps of {t.prompts_per_step} questions x {t.group_size}, lr {cfg.learner.lr:g}. "

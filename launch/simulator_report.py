@@ -295,7 +295,7 @@ def write_atomic(path: Path, text: str) -> None:
 def main(dict_cfg: DictConfig) -> None:
     import ray
 
-    from launch.train import init_ray
+    from launch.driver.cluster import init_ray
 
     cfg: Config = OmegaConf.to_object(dict_cfg)
     init_ray(cfg)

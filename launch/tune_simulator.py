@@ -108,7 +108,7 @@ def tune(cfg: Config, base_model: str, out: Path, run_name: str = "") -> dict[st
     """Train, checkpoint and export; returns the summary written to ``{out}/hf/tuning.json``."""
     from transformers import AutoTokenizer
 
-    from launch.run_logger import RunLogger
+    from launch.driver.run_logger import RunLogger
     from learners.group import LearnerGroup
     from learners.sft import SFTLearner
     from simulator.tuning_data import read_sft_examples
@@ -193,8 +193,8 @@ def main(dict_cfg: DictConfig) -> None:
     import ray
 
     from launch.assets import resolve_model
+    from launch.driver.cluster import init_ray
     from launch.paths import resolve
-    from launch.train import init_ray
 
     cfg: Config = OmegaConf.to_object(dict_cfg)
     cfg.simulation.dir = str(resolve(cfg.simulation.dir))

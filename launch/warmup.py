@@ -220,8 +220,8 @@ def main(dict_cfg: DictConfig) -> None:
     import ray
 
     from launch.assets import resolve_model
+    from launch.driver.cluster import init_ray
     from launch.paths import ensure_data
-    from launch.train import init_ray
 
     cfg: Config = OmegaConf.to_object(dict_cfg)
     cfg.train.warmup = "on"  # asked for by name: run it whatever the model's size

@@ -1,4 +1,5 @@
-"""The rollout queue (``launch/pipeline.py``) and the advantage glue (``launch/batching.py``), without Ray.
+"""The rollout queue (``launch/driver/pipeline.py``) and the advantage glue (``launch/driver/advantages.py``),
+without Ray.
 
 The rollout function here is a stand-in for ``Cluster.rollout``: these tests are about what the queue does around it
 (order, lookahead, the sampler snapshot, dynamic filtering); the real rollouts are covered end to end."""
@@ -11,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from actors.dataset import QAExample
-from launch.batching import assign_advantages, learner_samples
-from launch.pipeline import RolloutQueue, informative_groups
-from launch.sampler import PromptSampler
+from launch.driver.advantages import assign_advantages, learner_samples
+from launch.driver.pipeline import RolloutQueue, informative_groups
+from launch.driver.sampler import PromptSampler
 from simulator.curriculum import CurriculumConfig, build_curriculum
 
 
@@ -183,7 +184,7 @@ def test_kl_in_reward_is_refused_for_sequence_estimators():
 def test_group_ids_are_unique_per_draw_when_an_epoch_wraps_inside_a_step():
     """3 questions, 2 per step: step 2 draws the last question of epoch 0 and the first of epoch 1, and over a few
     steps some step draws one question twice. Each draw is its own group, so GRPO never merges two into one of 2G."""
-    from launch.batching import episode_requests
+    from launch.driver.sampler import episode_requests
 
     sampler = PromptSampler(_examples(3), seed=0, shuffle=True)  # step 2 draws q1 twice
     repeated = False
@@ -213,7 +214,7 @@ def test_signal_share_without_the_filter_counts_groups_whose_rewards_differ():
 
 def test_rollout_metrics_give_the_reward_per_data_source():
     from actors.trajectory import EpisodeStats
-    from launch.batching import rollout_metrics
+    from launch.driver.metrics import rollout_metrics
 
     def episode(source: str, reward: float, finish: str = "answer", searches: int = 1):
         return SimpleNamespace(reward=reward, data_source=source, response_ids=[1, 2], loss_mask=[1, 1],
@@ -231,7 +232,7 @@ def test_rollout_metrics_give_the_reward_per_data_source():
 
 def test_answer_in_first_results_counts_the_simulators_shortcut_by_draw():
     from actors.trajectory import EpisodeStats
-    from launch.batching import answer_in_first_results
+    from launch.driver.metrics import answer_in_first_results
 
     def episode(source: str, first_docs: list[str], noisy: bool | None):
         stats = EpisodeStats(searches=2, documents=[first_docs, ["Karth is in Velmor."]], noisy=[noisy, noisy])
@@ -251,9 +252,9 @@ def test_answer_in_first_results_counts_the_simulators_shortcut_by_draw():
 
 
 def test_a_run_without_signal_warns_once_and_says_why(capsys):
-    from launch.train import _Progress
+    from launch.driver.metrics import Progress
 
-    progress = _Progress(total=6)
+    progress = Progress(total=6)
     row = {"critic/score/mean": 0.0, "search/noise_prob": 0.0, "search/calls_per_episode": 1.0,
            "data/signal_share": 0.0, "episode/valid_action_share": 1.0, "timing_s/step": 1.0, "timing_s/gen": 0.5,
            "timing_s/score": 0.1, "timing_s/train": 0.3, "timing_s/sync": 0.1, "actor/entropy": 0.012}

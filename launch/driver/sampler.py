@@ -1,4 +1,5 @@
-"""Which prompts each step trains on: seeded epochs over the training set, resumable from a saved position."""
+"""Which prompts each step trains on: seeded epochs over the training set, resumable from a saved position; and the
+episode requests (group id, seed) of the prompts drawn."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import random
 from typing import Any
 
 from actors.dataset import QAExample
+from actors.rollout import EpisodeRequest
 
 
 class PromptSampler:
@@ -48,3 +50,13 @@ class PromptSampler:
                              f"this run has {len(self.examples)} with seed {self.seed}")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
+
+
+def episode_requests(prompts: list, seed: int, step: int, first_index: int = 0) -> list[EpisodeRequest]:
+    """One request per drawn prompt, each with its own group id and seed.
+
+    A group id names one draw, not one question: when the sampler wraps an epoch inside a step the same question can
+    be drawn twice, and keyed by its uid the two groups would merge into one group of 2G. ``first_index`` numbers
+    the prompts of a refill round after those of the step's earlier rounds."""
+    return [EpisodeRequest(f"{p.uid}@{step}.{first_index + i}", p.question, p.golden_answers, p.data_source,
+                           seed=seed * 1_000_003 + step * 1000 + first_index + i) for i, p in enumerate(prompts)]

@@ -1,4 +1,4 @@
-"""Exact resume: where a run's newest complete checkpoint is, and the driver's random state.
+"""Exact resume: where a run's newest complete checkpoint is, the driver's random state, and atomic writes.
 
 A checkpoint folder ``checkpoints/step_<k>`` is complete once its ``driver_state.json`` exists: it is written last,
 atomically, after the DeepSpeed states. A crash in the middle of writing one leaves a folder without it, which is
@@ -8,6 +8,7 @@ skipped, so a resume always starts from a whole checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,287 @@
+"""The actors of one run and what the driver asks of them: ``Cluster`` places the policy engines, the simulator pool,
+the learners, the critic and the reference from ``cfg.cluster``, and runs each stage of a step across them (rollout,
+scoring, update, weight sync, validation, checkpoints). ``init_ray`` and ``policy_engine_options`` are the one recipe
+for a local Ray instance and a policy engine's vLLM arguments, used by every entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from launch.config import Config
+from launch.driver.weight_sync import WeightSync
+
+
+class Cluster:
+    """The actors of one run, placed from ``cfg.cluster``: policy engines, simulator pool, learners, reference."""
+
+    def __init__(self, cfg: Config, policy_path: str, corpus_path: str, run_dir: Path) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
+        from actors.rollout import RolloutActor
+        from learners.group import LearnerGroup
+        from learners.policy import PolicyLearner
+        from learners.reference import ReferenceLearner
+        from simulator.simulated import build_search_engine
+
+        self.cfg = cfg
+        self.closing = False
+        c = cfg.cluster
+        timeout = c.actor_start_timeout_s
+        self.run_dir = run_dir
+        # The cluster group places the simulator servers; the simulator group says what they run.
+        sim_cfg = dataclasses.replace(cfg.simulator, num_servers=c.simulator_servers, gpus_per_server=c.simulator_gpus,
+                                      tensor_parallel_size=c.simulator_tensor_parallel)
+        self.pool = None
+        if cfg.search.engine == "simulated":
+            from simulator.pool import create_simulator_pool
+
+            self.pool = create_simulator_pool(sim_cfg)
+        # A picklable recipe: each rollout actor builds its own engine in its own process.
+        search_factory = functools.partial(build_search_engine, cfg.search, sim_cfg, self.pool, corpus_path)
+        engine_kwargs, env = policy_engine_options(cfg)
+        validation_factory = None
+        if cfg.train.val_every and cfg.train.val_engine != cfg.search.engine:
+            real = dataclasses.replace(cfg.search, engine=cfg.train.val_engine)
+            validation_factory = functools.partial(build_search_engine, real, sim_cfg, None, corpus_path)
+        # Fault injection for tests: this engine ignores every weight load (the sync check must name it).
+        stuck = int(os.environ.get("ZEROSEARCH_FAULT_SKIP_WEIGHT_LOADS", "-1"))
+        self.engines = [
+            ray.remote(RolloutActor).options(num_cpus=1, num_gpus=c.rollout_gpus, max_concurrency=10_000)
+            .remote(policy_path, engine_kwargs, search_factory, cfg.rollout, env, validation_factory,
+                    skip_weight_loads=k == stuck)
+            for k in range(c.rollout_engines)
+        ]
+        learner_cfg = cfg.learner  # its total_steps is ${train.total_steps} unless set on purpose
+        # A KL penalty in the reward replaces the KL loss term; the coefficient is the same key either way.
+        self.kl_in_reward = learner_cfg.kl_coef if kl_penalty(cfg) == "reward" else 0.0
+        policy_cfg = dataclasses.replace(learner_cfg, kl_coef=0.0) if self.kl_in_reward else learner_cfg
+        self.learners = LearnerGroup(PolicyLearner, c.learners, policy_path, policy_cfg, num_cpus=1,
+                                     num_gpus=c.learner_gpus, timeout_s=timeout)
+        self.critic = None
+        if cfg.train.algorithm == "ppo":
+            from learners.critic import Critic
+
+            self.critic = LearnerGroup(Critic, c.critics, policy_path, cfg.critic, num_cpus=1,
+                                       num_gpus=c.critic_gpus, timeout_s=timeout)
+        self.reference = None
+        if learner_cfg.kl_coef > 0:
+            self.reference = ReferenceLearner.options(num_cpus=0.5, num_gpus=c.reference_gpus).remote(
+                policy_path, bf16=learner_cfg.reference_bf16, offload=learner_cfg.offload_reference,
+                micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads,
+                share_prompts=learner_cfg.share_prompts)
+        ray.get([e.ready.remote() for e in self.engines], timeout=timeout)
+        tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
+        self.weights = WeightSync(cfg, self.learners, self.engines, canary_ids, run_dir)
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        return self.weights.sync(version)
+
+    def validate(self, examples) -> dict[str, float]:
+        """Greedy answers to ``examples`` with the training engine (noise 0: the simulator's useful documents) and
+        with the real validation engine; their metrics side by side, and the gap."""
+        from actors.evaluation import EvalRecord, dataset_metrics
+
+        passes = [(self.cfg.search.engine, False)]
+        if self.cfg.train.val_engine != self.cfg.search.engine:
+            passes.append((self.cfg.train.val_engine, True))
+        metrics: dict[str, float] = {}
+        for name, real in passes:
+            trajectories = self.rollout(examples, 0.0, step=0, temperature=0.0, validation_engine=real)
+            records = [EvalRecord.from_trajectory("val", "", t) for t in trajectories]
+            for key, value in dataset_metrics(records).items():
+                if key != "n":
+                    metrics[f"val/{name}/{key}"] = value
+        if len(passes) == 2:
+            (sim, _), (real_name, _) = passes
+            metrics["val/gap_subem"] = metrics[f"val/{sim}/subem"] - metrics[f"val/{real_name}/subem"]
+        return metrics
+
+    def rollout(self, prompts, noise_prob: float, step: int, first_index: int = 0, temperature: float | None = None,
+                validation_engine: bool = False):
+        """Run every group; groups stream back as they finish. Every wait is bounded by the rollout timeout.
+
+        ``first_index`` numbers the prompts of a refill round after those of the step's earlier rounds, so that every
+        episode of a step has its own seed."""
+        import ray
+
+        from launch.driver.sampler import episode_requests
+
+        started = time.perf_counter()
+        deadline = started + self.cfg.train.rollout_timeout_s
+        requests = episode_requests(prompts, self.cfg.seed, step, first_index)
+        group_size = 1 if temperature == 0.0 else self.cfg.train.group_size  # greedy: one answer per question
+        streams = [engine.rollout.options(num_returns="streaming").remote(
+                   requests[k::len(self.engines)], group_size, noise_prob, temperature, validation_engine)
+                   for k, engine in enumerate(self.engines)]
+        trajectories = []
+        for stream in streams:
+            while True:
+                # Short waits, so that a background rollout notices the run closing instead of holding up the exit.
+                ready, _ = ray.wait([stream], timeout=min(5.0, max(0.0, deadline - time.perf_counter())))
+                if self.closing:
+                    raise RuntimeError(f"rollout of step {step} abandoned: the run is closing")
+                if not ready and time.perf_counter() < deadline:
+                    continue
+                if not ready:
+                    raise TimeoutError(f"rollout of step {step} did not finish within "
+                                       f"train.rollout_timeout_s={self.cfg.train.rollout_timeout_s}")
+                try:
+                    ref = next(stream)
+                except StopIteration:
+                    break
+                trajectories.extend(ray.get(ref, timeout=60))
+        return trajectories
+
+    def score(self, trajectories) -> tuple[list, dict[str, float]]:
+        """Learner samples with everything the update needs: reference logprobs, critic values, advantages."""
+        import ray
+
+        from launch.driver.advantages import assign_advantages, learner_samples
+
+        t = self.cfg.train
+        samples = learner_samples(trajectories)
+        metrics: dict[str, float] = {}
+        if self.reference is not None:
+            ref = ray.get(self.reference.logprobs.remote(samples), timeout=self.cfg.cluster.actor_start_timeout_s)
+            for sample, logprobs in zip(samples, ref):
+                sample.ref_logprobs = logprobs
+        source = old_logprobs_source(self.cfg, len(samples))
+        if source == "learner":
+            for sample, logprobs in zip(samples, self.learners.logprobs(samples)):
+                sample.old_logprobs = logprobs
+            metrics["rollout/engine_vs_learner_logprob_gap"] = masked_gap(samples)
+        elif source == "engine":
+            for sample in samples:
+                sample.old_logprobs = list(sample.rollout_logprobs)
+        if self.critic is not None:
+            for sample, values in zip(samples, self.critic.values(samples)):
+                sample.old_values = values
+        metrics.update(assign_advantages(samples, trajectories, t.algorithm, self.kl_in_reward, t.gamma, t.lam))
+        return samples, metrics
+
+    def update(self, samples) -> tuple[dict[str, float], float]:
+        started = time.perf_counter()
+        metrics = self.learners.train_step(samples)
+        if self.critic is not None:
+            metrics.update(self.critic.train_step(samples))
+        return metrics, time.perf_counter() - started
+
+    def raw_throughput(self, trajectories, rollout_tokens_per_s: float) -> dict[str, float]:
+        """Plain vLLM ``generate`` at the last step's volume (its prompts, its mean tokens per episode), on the same
+        engines, against the multi-turn rollout's tokens/s: what searching, observation prefill and turn-taking cost."""
+        import ray
+
+        prompts = [t.prompt_ids for t in trajectories]
+        max_tokens = max(1, round(statistics.fmean(t.stats.generated_tokens for t in trajectories)))
+        started = time.perf_counter()
+        ray.get([e.raw_generate.remote(prompts[k::len(self.engines)], max_tokens)
+                 for k, e in enumerate(self.engines)], timeout=self.cfg.train.rollout_timeout_s)
+        raw = len(prompts) * max_tokens / (time.perf_counter() - started)
+        return {"perf/raw_generate_tokens_per_s": raw, "perf/rollout_tokens_per_s": rollout_tokens_per_s,
+                "perf/rollout_vs_raw": rollout_tokens_per_s / raw}
+
+    def close(self) -> None:
+        self.closing = True
+        if hasattr(self, "weights"):
+            self.weights.close()
+
+    def checkpoint(self, root: Path, step: int, curriculum, sampler_state: dict, export_hf: bool) -> Path:
+        """DeepSpeed states (policy, critic), the driver's state and (at the end) an HF export, under
+        ``root/step_<k>``. ``driver_state.json`` goes last: its presence marks the checkpoint complete."""
+        from launch.driver.checkpoint import DRIVER_STATE, atomic_write_json, rng_state
+
+        folder = root / f"step_{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.learners.save_checkpoint(str(folder / "deepspeed"))
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(folder / "critic"))
+        if export_hf:
+            self.learners.export_hf(str(folder / "hf"))
+        state = {"step": step, "curriculum": curriculum.state_dict(), "sampler": sampler_state, "rng": rng_state()}
+        atomic_write_json(folder / DRIVER_STATE, state)
+        return folder
+
+    def restore(self, folder: Path, curriculum, sampler) -> int:
+        """Load a checkpoint written by ``checkpoint`` and put its weights on the engines; return its step."""
+        from launch.driver.checkpoint import read_driver_state, set_rng_state
+
+        state = read_driver_state(folder)
+        self.learners.load_checkpoint(str(folder / "deepspeed"))
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(folder / "critic"))
+        curriculum.load_state_dict(state["curriculum"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.sync_weights(version=state["step"])
+        return int(state["step"])
+
+    def pool_stats(self) -> dict[str, Any]:
+        import ray
+
+        if self.pool is None:
+            return {}
+        return ray.get(self.pool.stats.remote(), timeout=30)
+
+
+def kl_penalty(cfg: Config) -> str:
+    """``loss`` or ``reward``: where the KL to the reference goes (``auto``: in the reward for PPO, as the paper)."""
+    if cfg.train.kl_penalty == "auto":
+        return "reward" if cfg.train.algorithm == "ppo" else "loss"
+    return cfg.train.kl_penalty
+
+
+def old_logprobs_source(cfg: Config, batch_size: int) -> str:
+    """Where the PPO ratio's log π_old comes from for an update of ``batch_size`` trajectories (docs/training.md).
+
+    ``none``: on-policy with one optimizer step, π_old is the learner's own π_θ before the step, so the ratio is 1
+    by construction and the learner takes it from the forward it runs anyway (no extra pass). ``learner``: the
+    learners recompute it before the update (verl's ``old_log_prob``): when an update takes several optimizer steps
+    (mini-batches, epochs), when the KL goes in the reward (it reads π_old), or for TIS. ``engine``: off-policy
+    without TIS, the engine's logprobs are the behaviour policy, and the ratio itself corrects the lag.
+    """
+    if cfg.train.max_staleness > 0 and cfg.learner.tis_cap is None:
+        return "engine"
+    if (cfg.learner.tis_cap is not None or kl_penalty(cfg) == "reward"
+            or cfg.learner.optimizer_steps(batch_size) > 1):
+        return "learner"
+    return "none"
+
+
+def policy_engine_options(cfg: Config) -> tuple[dict, dict[str, str]]:
+    """The vLLM engine arguments and the environment of a policy ``RolloutActor``, from the model and cluster groups."""
+    c = cfg.cluster
+    engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
+                         gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
+                         tensor_parallel_size=c.rollout_tensor_parallel,
+                         enable_prefix_caching=cfg.rollout.enable_prefix_caching)
+    return engine_kwargs, {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb)))}
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, log_to_driver=False)
+        return
+    # Logical CPUs: one per engine, learner and simulator server even on a 2-core machine; they share the cores.
+    critics = cfg.cluster.critics if cfg.train.algorithm == "ppo" else 0
+    needed = cfg.cluster.rollout_engines + cfg.cluster.learners + critics + cfg.cluster.simulator_servers + 1
+    num_cpus = cfg.cluster.num_cpus or max(needed, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def masked_gap(samples) -> float:
+    """Mean |log π_engine − log π_learner| over the model tokens: how far the sampler's numbers are from the
+    learner's on the same weights (on CPU, fp32 both sides, this should be rounding noise)."""
+    gaps = [abs(e - o) for s in samples for e, o, m in zip(s.rollout_logprobs, s.old_logprobs, s.loss_mask) if m]
+    return statistics.fmean(gaps) if gaps else 0.0
