@@ -10,27 +10,18 @@ the prompt itself holds two ``<answer>`` blocks, a trajectory that never answere
 from __future__ import annotations
 
 import re
-import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from actors.protocol import INVALID_ACTION_MESSAGE
+from simulator.answers import normalize_answer
 
 _ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _INFORMATION_PATTERN = re.compile(r"<information>.*?</information>", re.DOTALL)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
 # Ends the policy prompt's instructions; everything before it is prompt, never a prediction.
 _PROMPT_EXAMPLE = "For example, <answer> Beijing </answer>."
 
 Golds = str | Iterable[str]
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalization: lowercase, drop punctuation, drop articles, collapse whitespace."""
-    text = text.lower().translate(_PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
 
 
 def _strip_non_policy_text(text: str) -> str:

@@ -70,9 +70,10 @@ def main() -> None:
             policy, _ = warm_up(cfg, resolve_model(cfg.model.name), files["train"], files["corpus"], Path(tmp))
             pool = None
             if cfg.search.engine == "simulated":
+                from launch.assets import resolve_simulator
                 from simulator.pool import create_simulator_pool
 
-                pool = create_simulator_pool(dataclasses.replace(cfg.simulator,
+                pool = create_simulator_pool(dataclasses.replace(resolve_simulator(cfg.simulator),
                                                                  num_servers=cfg.cluster.simulator_servers))
             search = functools.partial(build_search_engine, cfg.search, cfg.simulator, pool, str(files["corpus"]))
             engine_kwargs, env = policy_engine_options(cfg)

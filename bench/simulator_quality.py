@@ -91,6 +91,7 @@ def main() -> None:
 
     import ray
 
+    from launch.assets import resolve_simulator
     from simulator.engines import BM25Search
     from simulator.pool import create_simulator_pool
     from simulator.simulated import SimulatedSearch
@@ -102,7 +103,7 @@ def main() -> None:
                           request_timeout_s=900.0, health_check_interval_s=0.0, seed=args.seed)
     ray.init(address="local", num_cpus=max(2, args.servers), include_dashboard=False, log_to_driver=False)
     try:
-        pool = create_simulator_pool(cfg)
+        pool = create_simulator_pool(resolve_simulator(cfg))
         engine = SimulatedSearch(pool, mode=args.mode, timeout_s=3600.0)
         start = time.perf_counter()
         useful = asyncio.run(run_searches(engine, rows, noise_prob=0.0))

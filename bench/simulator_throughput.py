@@ -102,9 +102,10 @@ def bench_raw(ray, cfg: SimulatorConfig, prompts: list[str], rounds: int) -> dic
 
 
 def bench_pool(ray, cfg: SimulatorConfig, prompts: list[str], rounds: int) -> dict[str, object]:
+    from launch.assets import resolve_simulator
     from simulator.pool import create_simulator_pool
 
-    pool = create_simulator_pool(cfg)
+    pool = create_simulator_pool(resolve_simulator(cfg))
     try:
         ray.get([pool.generate.remote(p, None, SAMPLING) for p in prompts[:4]], timeout=3600)  # warm up
         before = ray.get(pool.stats.remote(), timeout=60)

@@ -59,6 +59,14 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def resolve_simulator(cfg):
+    """A ``SimulatorConfig`` whose ``model`` is loadable: the simulator servers take the path as given, since
+    ``simulator/`` imports nothing above it."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=resolve_model(cfg.model))
+
+
 def ensure_all() -> dict[str, Path]:
     return {name: ensure(name) for name in MODEL_NAMES}
 

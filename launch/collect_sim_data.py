@@ -120,12 +120,13 @@ def judge(cfg: Config, records: list[SearchRecord]) -> list[str | None]:
     """v2 with an LLM judge: one greedy yes/no per record, served by a simulator pool of ``judge_model``."""
     import ray
 
+    from launch.assets import resolve_simulator
     from simulator.pool import create_simulator_pool
 
     c = cfg.simulation.collect
     judge_cfg = dataclasses.replace(cfg.simulator, model=c.judge_model or cfg.simulator.model, temperature=0.0,
                                     max_tokens=4, cache_size=0)
-    pool = create_simulator_pool(judge_cfg)
+    pool = create_simulator_pool(resolve_simulator(judge_cfg))
 
     async def ask_all() -> list[dict[str, Any]]:
         calls = [pool.generate.remote(sim_data.judge_prompt(r), None) for r in records]

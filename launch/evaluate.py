@@ -160,9 +160,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         search = SearchConfig(engine=cfg.engine, top_k=cfg.top_k, url=cfg.url)
         pool = None
         if cfg.engine == "simulated":
+            from launch.assets import resolve_simulator
             from simulator.pool import create_simulator_pool
 
-            pool = create_simulator_pool(SimulatorConfig())
+            pool = create_simulator_pool(resolve_simulator(SimulatorConfig()))
         factory = functools.partial(build_search_engine, search, SimulatorConfig(), pool,
                                     str(corpus) if corpus.is_file() else None)
         rollout_cfg = RolloutConfig(temperature=0.0, episode=EpisodeConfig(

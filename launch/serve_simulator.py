@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
+    from launch.assets import resolve_simulator
     from simulator.pool import create_simulator_pool
 
     cfg = SimulatorConfig(
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         init_kwargs["num_cpus"] = num_cpus
     _init_ray(ray, args.ray_address, init_kwargs)
     try:
-        pool = create_simulator_pool(cfg)  # waits until every server has loaded its model
+        pool = create_simulator_pool(resolve_simulator(cfg))  # waits until every server has loaded its model
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))

@@ -183,6 +183,7 @@ def measure_simulator(cfg: Config, model: str, mode: str, rows: list[dict[str, A
     before returning, so that the next simulator gets the machine to itself. Ray must be running."""
     import ray
 
+    from launch.assets import resolve_simulator
     from simulator.pool import create_simulator_pool
     from simulator.simulated import SimulatedSearch
 
@@ -193,7 +194,7 @@ def measure_simulator(cfg: Config, model: str, mode: str, rows: list[dict[str, A
                                   temperature=report.temperature, cache_size=0,
                                   request_timeout_s=report.timeout_s, health_check_interval_s=0.0)
     print(f"simulator {model} ({mode} mode): starting", flush=True)
-    pool = create_simulator_pool(sim_cfg)
+    pool = create_simulator_pool(resolve_simulator(sim_cfg))
     try:
         engine = SimulatedSearch(pool, mode=mode, top_k=top_k, timeout_s=report.timeout_s)
         answers = [row["golden_answers"] for row in rows]

@@ -116,14 +116,12 @@ class SimulatorServer:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from launch.assets import resolve_model
-
         if cfg.gpus_per_server <= 0:  # the CPU build reads these variables at engine start
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(cfg.kvcache_gb)))
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(cfg, index)
         self.cfg = cfg
         self.index = index
-        self.model_path = resolve_model(cfg.model)
+        self.model_path = cfg.model  # resolved by the caller (launch.assets.resolve_simulator)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(cfg, self.model_path)))
         self.started_at = time.time()

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from actors.reward import normalize_answer
+from simulator.answers import normalize_answer
 from simulator.base import format_documents  # the real engine's <information> text, as the policy reads it
 from simulator.templates import build_simulator_prompt
 

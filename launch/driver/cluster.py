@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launch.assets import resolve_simulator
 from launch.config import Config
 from launch.driver.weight_sync import WeightSync
 
@@ -37,7 +38,8 @@ class Cluster:
         timeout = c.actor_start_timeout_s
         self.run_dir = run_dir
         # The cluster group places the simulator servers; the simulator group says what they run.
-        sim_cfg = dataclasses.replace(cfg.simulator, num_servers=c.simulator_servers, gpus_per_server=c.simulator_gpus,
+        sim_cfg = dataclasses.replace(resolve_simulator(cfg.simulator), num_servers=c.simulator_servers,
+                                      gpus_per_server=c.simulator_gpus,
                                       tensor_parallel_size=c.simulator_tensor_parallel)
         self.pool = None
         if cfg.search.engine == "simulated":
