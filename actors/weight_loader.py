@@ -12,16 +12,7 @@ reload; the weight-sync test compares a reloaded engine with the learner to keep
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from torch import Tensor
-
-
-def weights_checksum(tensors: Iterable[Tensor]) -> float:
-    """Σ|x| over every element in float64, of the tensors an engine loaded. The learner sums what it publishes or
-    sends the same way (``learners/weight_broadcast.weights_checksum``) and the driver compares the two after every
-    sync: an engine that kept old weights, or got a corrupted tensor, differs."""
-    return float(sum(float(t.detach().double().abs().sum()) for t in tensors))
+from learners.weight_wire import weights_checksum
 
 
 class WeightLoaderExtension:
@@ -29,7 +20,7 @@ class WeightLoaderExtension:
 
     def load_policy_weights(self, path: str) -> dict[str, float]:
         """Reload from ``path``; returns the tensors loaded and the Σ|x| checksum of what was read (the driver compares
-        it with the learner's, ``learners/weight_broadcast.weights_checksum``)."""
+        it with the learner's, ``learners/weight_wire.weights_checksum``)."""
         from safetensors import safe_open
         from vllm.config import set_current_vllm_config
 

@@ -24,38 +24,38 @@ Driver sequence (all calls through ``AsyncLLM.collective_rpc``, which runs them 
    ``WeightBroadcaster.broadcast`` on every learner rank; then reset the prefix cache;
 3. at the end: ``close_weight_group()``.
 
-Pure helpers (manifest parsing and checking, the bucket plan, the receive loop) are at module level and tested on CPU.
-``plan_buckets`` duplicates the learner's on purpose: ``actors`` and ``learners`` never import each other.
+Pure helpers (manifest parsing and checking, the receive loop) are at module level and tested on CPU. The channels,
+the bucket plan and the checksum come from the wire both ends share, ``learners/weight_wire.py``: the one module
+``actors`` imports from ``learners``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import threading
-import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from actors.weight_loader import WeightLoaderExtension, weights_checksum
+from actors.weight_loader import WeightLoaderExtension
+from learners.weight_wire import (  # noqa: F401 - the wire's names are part of this module's interface
+    DEFAULT_BUCKET_BYTES,
+    DEFAULT_TIMEOUT_S,
+    GLOO_STORE_PREFIX,
+    dtype_name,
+    open_channel,
+    plan_buckets,
+    weights_checksum,
+)
 
 logger = logging.getLogger(__name__)
 
-# Must equal the learner's bucket size (learners/weight_broadcast.py has the same default): both ends cut the stream
-# into buckets from the manifest alone, and a disagreement means mismatched collectives.
-DEFAULT_BUCKET_BYTES = 256 * 1024**2
-# Longest any one cross-process step may take: the rendezvous and each bucket's broadcast.
-DEFAULT_TIMEOUT_S = 300.0
-GLOO_STORE_PREFIX = "zerosearch-weight-sync/"
 # The names safetensors headers give dtypes. A checkpoint tensor of another dtype is left out of the expectations.
 _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -86,10 +86,6 @@ class WeightSpec:
 # ----------------------------------------------------------------------------------------------------------------------
 # Pure helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_manifest(manifest: Mapping[str, Sequence]) -> list[WeightSpec]:
@@ -132,8 +128,8 @@ def check_manifest(published: Sequence[WeightSpec], expected: Sequence[WeightSpe
         if s.shape != e.shape:
             problems.append(f"{s.name!r} has shape {s.shape}, the engine expects {e.shape}")
         if s.dtype != e.dtype:
-            problems.append(f"{s.name!r} is {_dtype_name(s.dtype)} on the wire, the engine serves "
-                            f"{_dtype_name(e.dtype)} (set the learner's wire_dtype)")
+            problems.append(f"{s.name!r} is {dtype_name(s.dtype)} on the wire, the engine serves "
+                            f"{dtype_name(e.dtype)} (set the learner's wire_dtype)")
     sent = {s.name for s in published}
     problems += [f"{e.name!r} is expected by the engine but not published (it would keep stale weights)"
                  for e in expected if e.name not in sent and e.name not in allow_missing]
@@ -174,23 +170,6 @@ def checkpoint_specs(model_dir: str | os.PathLike, serving_dtype: torch.dtype | 
     return specs
 
 
-def plan_buckets(nbytes: Sequence[int], bucket_bytes: int) -> list[tuple[int, int]]:
-    """``[(start, stop)]`` consecutive index ranges; a bucket closes as soon as it holds MORE than ``bucket_bytes``.
-    The learner's ``learners.weight_broadcast.plan_buckets``, duplicated: both ends must cut the stream alike."""
-    if bucket_bytes < 0:
-        raise ValueError(f"bucket_bytes must be >= 0, got {bucket_bytes}")
-    buckets: list[tuple[int, int]] = []
-    start, total = 0, 0
-    for i, n in enumerate(nbytes):
-        total += n
-        if total > bucket_bytes:
-            buckets.append((start, i + 1))
-            start, total = i + 1, 0
-    if start < len(nbytes):
-        buckets.append((start, len(nbytes)))
-    return buckets
-
-
 def _unpack(buffer: Tensor, offset: int, spec: WeightSpec) -> Tensor:
     piece = buffer[offset:offset + spec.nbytes]
     if offset % spec.dtype.itemsize:
@@ -215,147 +194,6 @@ def receive_weights(channel: Any, specs: Sequence[WeightSpec], bucket_bytes: int
         for spec in chunk:
             yield spec.name, _unpack(buffer, offset, spec)
             offset += spec.nbytes
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Channels (a worker's end). learners/weight_broadcast.py has the sending twin.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def open_channel(backend: str, master_address: str, master_port: int, rank: int, world_size: int,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, device: torch.device | None = None):
-    """Join the broadcast group as ``rank``: the TCPStore rendezvous hosted by rank 0, then the data plane. ``device``
-    is the NCCL communicator's CUDA device (default: the current one); gloo works on CPU tensors."""
-    if world_size < 2 or not 0 < rank < world_size:
-        raise ValueError(f"a worker's rank must be in 1..{world_size - 1} (rank 0 is the learner), got {rank}")
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"unknown weight-sync backend {backend!r} (nccl or gloo)")
-    from torch.distributed import TCPStore
-
-    started = time.monotonic()
-    try:
-        store = TCPStore(master_address, master_port, world_size, False, timeout=timedelta(seconds=timeout_s))
-    except Exception as e:
-        if time.monotonic() - started >= timeout_s:
-            raise TimeoutError(f"could not join the weight-sync group at {master_address}:{master_port} as rank "
-                               f"{rank} within {timeout_s:.0f} s: {e}") from e
-        raise
-    if backend == "gloo":
-        return _GlooChannel(store, rank, world_size, timeout_s)
-    return _NcclChannel(store, rank, world_size, timeout_s, device)
-
-
-class _GlooChannel:
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float) -> None:
-        from torch.distributed import PrefixStore, ProcessGroupGloo
-
-        self.device = torch.device("cpu")
-        self.timeout_s = timeout_s
-        self._store = store
-        self._group = ProcessGroupGloo(PrefixStore(GLOO_STORE_PREFIX, store), rank, world_size,
-                                       timedelta(seconds=timeout_s))
-
-    @property
-    def is_open(self) -> bool:
-        return self._group is not None
-
-    def broadcast(self, tensor: Tensor, src: int, what: str) -> None:
-        from torch.distributed import BroadcastOptions
-
-        if self._group is None:
-            raise RuntimeError("the weight-sync group is closed (or broke on a timeout); call init_weight_group")
-        opts = BroadcastOptions()
-        opts.rootRank, opts.rootTensor = src, 0
-        opts.timeout = timedelta(seconds=self.timeout_s)
-        started = time.monotonic()
-        try:
-            self._group.broadcast([tensor], opts).wait(timedelta(seconds=self.timeout_s))
-        except Exception as e:
-            self.close()
-            if time.monotonic() - started >= self.timeout_s * 0.99:
-                raise TimeoutError(f"weight-sync broadcast of {what} did not arrive within {self.timeout_s:.0f} s: "
-                                   f"{e}") from e
-            raise
-
-    def close(self) -> None:
-        group, self._group, self._store = self._group, None, None
-        if group is not None:
-            with contextlib.suppress(Exception):
-                group.shutdown()
-
-
-class _NcclChannel:
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float, device: torch.device | None) -> None:
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-        from vllm.utils.nccl import unpinned_nccl_env
-
-        if not torch.cuda.is_available():
-            raise RuntimeError("the nccl weight-sync backend needs a CUDA device; use backend='gloo' on CPU")
-        self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
-        self.timeout_s = timeout_s
-        self._store, self._comm = store, None
-        group = StatelessProcessGroup(rank=rank, world_size=world_size, store=store)
-        # vLLM pins NCCL variables for its own communicators; a group shared with the learner is made without them.
-        with unpinned_nccl_env():
-            self._comm = _run_with_timeout(lambda: PyNcclCommunicator(group, device=self.device), timeout_s,
-                                           f"NCCL communicator creation (rank {rank} of {world_size})")
-        if self._comm.disabled:
-            # PyNcclCommunicator silently turns every call into a no-op when it cannot load NCCL.
-            raise RuntimeError("PyNcclCommunicator is disabled (NCCL library not found or VLLM_DISABLE_PYNCCL set)")
-
-    @property
-    def is_open(self) -> bool:
-        return self._comm is not None
-
-    def broadcast(self, tensor: Tensor, src: int, what: str) -> None:
-        if self._comm is None:
-            raise RuntimeError("the weight-sync group is closed (or broke on a timeout); call init_weight_group")
-        stream = torch.cuda.current_stream(self.device)
-        self._comm.broadcast(tensor, src=src, stream=stream)
-        done = torch.cuda.Event()
-        done.record(stream)
-        if not _wait_until(done.query, self.timeout_s):
-            # The NCCL kernel waits for the sender forever; only aborting the communicator releases it.
-            self.close()
-            raise TimeoutError(f"weight-sync broadcast of {what} did not arrive within {self.timeout_s:.0f} s")
-
-    def close(self) -> None:
-        comm, self._comm, self._store = self._comm, None, None
-        if comm is not None:
-            comm.destroy()
-
-
-def _run_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """``fn()`` in a daemon thread, so that a blocking C call (NCCL init) cannot outlive ``timeout_s``."""
-    result: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            result["error"] = e
-
-    thread = threading.Thread(target=target, name=what, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll ``done`` until true (True) or ``timeout_s`` passes (False); back-off from 50 us to 5 ms."""
-    deadline = time.monotonic() + timeout_s
-    pause = 5e-5
-    while not done():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(pause)
-        pause = min(pause * 2, 5e-3)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -385,6 +223,8 @@ class WeightTransferExtension(WeightLoaderExtension):
         rank = rank_offset + getattr(parallel, "data_parallel_index", 0) * parallel.world_size + parallel.rank
         device = getattr(self, "device", None)
         device = device if isinstance(device, torch.device) and device.type == "cuda" else None
+        if not 0 < rank < world_size:
+            raise ValueError(f"a worker's rank must be in 1..{world_size - 1} (rank 0 is the learner), got {rank}")
         self._weight_channel = open_channel(backend, master_address, master_port, rank, world_size, timeout_s, device)
         return rank
 

@@ -28,6 +28,7 @@ import torch
 
 from actors import weight_transfer as A
 from learners import weight_broadcast as L
+from learners import weight_wire as W
 from learners.distributed import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -130,8 +131,8 @@ def _wire(weights, dtype):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("plan", [L.plan_buckets, A.plan_buckets], ids=["learner", "actor"])
-def test_plan_buckets_by_hand(plan):
+def test_plan_buckets_by_hand():
+    plan = W.plan_buckets
     # Budget 8: 4, 8 (not more than 8), 12 > 8 closes [0, 1, 2]; 10 > 8 closes [3]; 1, 2, 3 are left for the end.
     assert plan([4, 4, 4, 10, 1, 1, 1], 8) == [(0, 3), (3, 4), (4, 7)]
     # Exactly at the budget stays open: 8 then 16 > 8.
@@ -145,13 +146,12 @@ def test_plan_buckets_by_hand(plan):
         plan([1], -1)
 
 
-def test_plan_buckets_invariants_and_both_ends_agree():
+def test_plan_buckets_invariants():
     rng = random.Random(0)
     for _ in range(300):
         sizes = [rng.choice([0, 1, 2, 64, 1000, 4096, 70000]) for _ in range(rng.randrange(0, 40))]
         budget = rng.choice([0, 1, 100, 4096, 65536, 10**6])
-        plan = L.plan_buckets(sizes, budget)
-        assert plan == A.plan_buckets(sizes, budget)
+        plan = W.plan_buckets(sizes, budget)
         # Every tensor exactly once, in order.
         assert [i for start, stop in plan for i in range(start, stop)] == list(range(len(sizes)))
         for k, (start, stop) in enumerate(plan):
@@ -162,9 +162,10 @@ def test_plan_buckets_invariants_and_both_ends_agree():
                 assert sum(sizes[start:stop]) > budget
 
 
-def test_defaults_agree_between_the_two_ends():
-    assert L.DEFAULT_BUCKET_BYTES == A.DEFAULT_BUCKET_BYTES
-    assert L.GLOO_STORE_PREFIX == A.GLOO_STORE_PREFIX
+def test_both_ends_take_the_wire_from_one_module():
+    # The sender and the receivers must cut the stream alike and meet under the same keys: one definition each.
+    for name in ("plan_buckets", "open_channel", "weights_checksum", "DEFAULT_BUCKET_BYTES", "GLOO_STORE_PREFIX"):
+        assert getattr(L, name) is getattr(W, name) and getattr(A, name) is getattr(W, name), name
 
 
 def test_group_layout():
@@ -430,7 +431,7 @@ def _gloo_pair(timeout_s: float):
     thread = threading.Thread(target=lambda: box.setdefault("learner", L.WeightBroadcaster.connect(
         "127.0.0.1", port, 2, backend="gloo", timeout_s=timeout_s)))
     thread.start()
-    worker = A.open_channel("gloo", "127.0.0.1", port, 1, 2, timeout_s)
+    worker = W.open_channel("gloo", "127.0.0.1", port, 1, 2, timeout_s)
     thread.join(timeout_s + 10)
     try:
         yield box["learner"], worker
@@ -443,7 +444,7 @@ def test_a_receiver_times_out_when_the_learner_sends_nothing():
     with _gloo_pair(timeout_s=1.0) as (_, worker):
         specs = [A.WeightSpec("w", torch.float32, (4,))]
         started = time.monotonic()
-        with pytest.raises(TimeoutError, match=r"bucket 1/1 \(w .. w, 16 bytes\) did not arrive within 1 s"):
+        with pytest.raises(TimeoutError, match=r"bucket 1/1 \(w .. w, 16 bytes\) did not complete within 1 s"):
             next(A.receive_weights(worker, specs, 1024))
         assert time.monotonic() - started < 20
         assert not worker.is_open
@@ -525,7 +526,7 @@ def _round_trip(tmp_path: Path, backend: str, engine_size: int, worker_gpus: lis
         # What each worker received sums to what the learner sent, and the two versions differ.
         sent = [s["checksum"] for s in stats]
         assert [x["checksum"] for x in w["loaded"]] == pytest.approx(sent, rel=1e-12) and sent[0] != sent[1]
-        assert sent == pytest.approx([A.weights_checksum(_wire(toy_weights(v), torch.bfloat16).values())
+        assert sent == pytest.approx([W.weights_checksum(_wire(toy_weights(v), torch.bfloat16).values())
                                       for v in common["versions"]], rel=1e-12)
 
 
@@ -559,7 +560,7 @@ def test_cuda_event_wait_sees_completion():
     y = x * 2
     done = torch.cuda.Event()
     done.record(stream)
-    assert L._wait_until(done.query, 30) and A._wait_until(done.query, 30)
+    assert W._wait_until(done.query, 30)
     assert torch.equal(y.cpu(), x.cpu() * 2)
 
 
