@@ -289,9 +289,6 @@ class RolloutActor:
     async def receive_weights(self, manifest: dict, bucket_bytes: int, version: int, timeout_s: float) -> float:
         return await self.core.receive_weights(manifest, bucket_bytes, version, timeout_s)
 
-    async def policy_version(self) -> int:
-        return self.core.policy_version
-
     async def weights_state(self) -> dict[str, Any]:
         return self.core.weights_state()
 

@@ -25,13 +25,11 @@ class ModelConfig:
             folder, or a hub id on machines that reach the hub.
         dtype: weights and compute dtype for vLLM and the learner.
         max_model_len: vLLM's context limit; prompt plus every turn must fit (the paper: 4096 + 500).
-        gradient_checkpointing: trade compute for activation memory in the learner.
     """
 
     name: str = "smollm2-135m-instruct"
     dtype: str = "bfloat16"
     max_model_len: int = 4096
-    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -39,7 +37,6 @@ class DataConfig:
     """Where questions come from.
 
     Attributes:
-        name: a label for logs (``synthetic``, ``zerosearch``, ``flashrag``).
         dir: folder holding the files below; relative paths are taken from the repository root.
         train_file, val_file, test_file: QA files in any supported format (see ``actors/dataset.py``).
         corpus_file: the passage corpus the real engines search (jsonl, ``id`` and ``contents``).
@@ -48,7 +45,6 @@ class DataConfig:
         shuffle: shuffle the training questions each epoch (seeded).
     """
 
-    name: str = "synthetic"
     dir: str = "data/synthetic"
     train_file: str = "train.parquet"
     val_file: str = "val.parquet"
@@ -86,13 +82,11 @@ class LoggerConfig:
         run_dir: where metrics.jsonl, plots and checkpoints go; defaults to Hydra's run folder.
         run_name: a name for the run (W&B and folder); generated when empty.
         wandb: see ``WandbConfig``.
-        console_every: print a metrics line every this many steps.
     """
 
     run_dir: str = "${hydra:runtime.output_dir}"
     run_name: str = ""
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    console_every: int = 1
 
 
 @dataclass

@@ -67,7 +67,7 @@ def assert_paper_run(cfg: dict) -> None:
     assert cfg["cluster"]["learner_gpus"] + cfg["cluster"]["reference_gpus"] == 1
     assert cfg["learner"]["offload_reference"]
     assert cfg["cluster"]["simulator_gpus"] >= 1  # the simulator on GPUs of its own
-    assert cfg["data"]["name"] == "zerosearch" and not cfg["data"]["generate_synthetic"]
+    assert cfg["data"]["dir"] == "data/zerosearch" and not cfg["data"]["generate_synthetic"]
 
 
 def test_every_experiment_file_is_tested_and_documented():

@@ -41,7 +41,6 @@ class StepBatch:
     groups_informative: int = 0  # groups whose rewards are not all equal, of all rolled
     rounds: int = 1
     rolled_rewards: list[float] = field(default_factory=list)  # every episode rolled, kept by the filter or not
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def pass_rate(self) -> float:
