@@ -66,10 +66,10 @@ def records_of(trajectory, question_id: str, question: str, sample: int, engine:
 
 def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) -> tuple[list[SearchRecord], dict]:
     """Run the policy on training questions against the real engine, spread over Ray actors; every search's record."""
-    import ray
 
     from actors.dataset import load_qa
-    from actors.rollout import EpisodeRequest, RolloutActor
+    from actors.group import RolloutGroup
+    from actors.rollout import EpisodeRequest
     from launch.driver.cluster import policy_engine_options
     from simulator.simulated import build_search_engine
 
@@ -81,36 +81,31 @@ def collect(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path) 
     factory = functools.partial(build_search_engine, search, cfg.simulator, None, str(corpus_file))
     rollout_cfg = cfg.rollout
     engine_kwargs, env = policy_engine_options(cfg)  # prefix caching on (rollout.enable_prefix_caching)
-    actors = [ray.remote(RolloutActor).options(num_cpus=1, num_gpus=cfg.cluster.rollout_gpus, max_concurrency=10_000)
-              .remote(policy_path, engine_kwargs, factory, rollout_cfg, env) for _ in range(c.engines)]
-    ray.get([a.ready.remote() for a in actors], timeout=cfg.cluster.actor_start_timeout_s)
+    engines = RolloutGroup(policy_path, engine_kwargs, factory, rollout_cfg, env, num_engines=c.engines,
+                           num_gpus=cfg.cluster.rollout_gpus)
+    engines.ready(cfg.cluster.actor_start_timeout_s)
 
     started = time.perf_counter()
     requests = [EpisodeRequest(e.uid, e.question, e.golden_answers, e.data_source, seed=cfg.seed * 1_000_003 + i)
                 for i, e in enumerate(examples)]
     by_uid = {e.uid: e for e in examples}
     records, episodes, correct = [], 0, 0
-    deadline = time.monotonic() + c.timeout_s
+    deadline = time.perf_counter() + c.timeout_s
     # In rounds of a few dozen questions per engine: a generation queued behind thousands would hit its timeout.
-    step = QUESTIONS_PER_ROUND * len(actors)
+    step = QUESTIONS_PER_ROUND * len(engines)
     for start in range(0, len(requests), step):
         chunk = requests[start:start + step]
-        streams = [a.rollout.options(num_returns="streaming").remote(chunk[k::len(actors)], c.samples_per_question,
-                                                                     0.0, c.temperature)
-                   for k, a in enumerate(actors)]
-        for stream in streams:
-            for ref in stream:
-                group = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
-                for sample, trajectory in enumerate(group):
-                    example = by_uid[trajectory.group_id]
-                    outcome = final_answer(trajectory)
-                    records += records_of(trajectory, example.uid, example.question, sample, c.engine, outcome)
-                    episodes += 1
-                    correct += outcome[1]
+        for group in engines.stream(chunk, c.samples_per_question, 0.0, deadline, temperature=c.temperature,
+                                    what=f"collection (simulation.collect.timeout_s={c.timeout_s})"):
+            for sample, trajectory in enumerate(group):
+                example = by_uid[trajectory.group_id]
+                outcome = final_answer(trajectory)
+                records += records_of(trajectory, example.uid, example.question, sample, c.engine, outcome)
+                episodes += 1
+                correct += outcome[1]
         print(f"collect: {min(start + step, len(requests))}/{len(requests)} questions, {len(records)} searches",
               flush=True)
-    for a in actors:
-        ray.kill(a)
+    engines.kill()
     seconds = time.perf_counter() - started
     return records, {"questions": len(examples), "episodes": episodes, "correct_episodes": correct,
                      "searches": len(records), "seconds": round(seconds, 1)}

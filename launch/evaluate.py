@@ -142,7 +142,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     from actors.episode import EpisodeConfig
     from actors.evaluation import EvalRecord, flat_rows, markdown_table, summarize
-    from actors.rollout import EpisodeRequest, RolloutActor, RolloutConfig
+    from actors.group import RolloutGroup
+    from actors.rollout import EpisodeRequest, RolloutConfig
     from simulator.config import SearchConfig, SimulatorConfig
     from simulator.simulated import build_search_engine
 
@@ -170,30 +171,27 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn, max_obs_tokens=cfg.max_obs_tokens))
         engine_kwargs = dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len, enforce_eager=True,
                              gpu_memory_utilization=0.3 if not cfg.gpus_per_engine else 0.85, seed=cfg.seed)
-        actors = [ray.remote(RolloutActor).options(num_cpus=1, num_gpus=cfg.gpus_per_engine, max_concurrency=10_000)
-                  .remote(policy, engine_kwargs, factory, rollout_cfg, {"VLLM_CPU_KVCACHE_SPACE": "1"})
-                  for _ in range(cfg.engines)]
-        ray.get([a.ready.remote() for a in actors], timeout=cfg.timeout_s)
+        engines = RolloutGroup(policy, engine_kwargs, factory, rollout_cfg, {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                               num_engines=cfg.engines, num_gpus=cfg.gpus_per_engine)
+        engines.ready(cfg.timeout_s)
 
         records: dict[str, list[EvalRecord]] = {m: [] for m in cfg.methods}
         timings: dict[str, float] = {}
         for name, examples in benchmarks.items():
             requests = [EpisodeRequest(e.uid, e.question, e.golden_answers, name, seed=cfg.seed * 1_000_003 + i)
                         for i, e in enumerate(examples)]
-            shards = [requests[k::len(actors)] for k in range(len(actors))]
             for method in cfg.methods:
                 started = time.perf_counter()
                 if method == "agent":
-                    refs = [a.rollout.options(num_returns="streaming").remote(s, 1, 0.0, 0.0)
-                            for a, s in zip(actors, shards) if s]
-                    trajectories = [t for stream in refs for ref in stream for t in ray.get(ref, timeout=cfg.timeout_s)]
-                    by_uid = {t.group_id: t for t in trajectories}
+                    deadline = started + cfg.timeout_s
+                    by_uid = {t.group_id: t for group in engines.stream(requests, 1, 0.0, deadline, temperature=0.0,
+                                                                        what=f"agent on {name}")
+                              for t in group}
                     found = [EvalRecord.from_trajectory(name, e.question, by_uid[e.uid]) for e in examples]
                 else:
-                    parts = ray.get([a.answer.remote(s, method == "rag", cfg.top_k) for a, s in zip(actors, shards)
-                                     if s], timeout=cfg.timeout_s)
-                    by_uid = {r.group_id: row for shard, part in zip(shards, parts) for r, row in zip(shard, part)}
-                    found = [EvalRecord(name, e.uid, e.question, e.golden_answers, **by_uid[e.uid]) for e in examples]
+                    rows = engines.answer(requests, method == "rag", cfg.top_k, cfg.timeout_s)
+                    found = [EvalRecord(name, e.uid, e.question, e.golden_answers, **row)
+                             for e, row in zip(examples, rows)]
                 timings[f"{method}/{name}"] = time.perf_counter() - started
                 records[method] += found
                 print(f"{method:>6} {name}: {len(found)} questions in {timings[f'{method}/{name}']:.1f}s", flush=True)

@@ -265,3 +265,15 @@ def test_a_run_without_signal_warns_once_and_says_why(capsys):
     assert out.count("signal 0.00") == 5 and out.count("entropy 0.012") == 5
     assert out.count("warning:") == 1 and "data/signal_share 0" in out and "0.012 nats/token" in out
     assert "train.group_size" in out
+
+
+@pytest.mark.parametrize("engines", [1, 2, 3, 5])
+def test_rollout_group_shards_round_robin_and_unshards_in_request_order(engines):
+    from actors.group import shard, unshard
+
+    for count in range(0, 12):
+        items = list(range(count))
+        parts = shard(items, engines)
+        assert len(parts) == engines and sorted(x for p in parts for x in p) == items
+        assert all(x % engines == k for k, p in enumerate(parts) for x in p)  # request k on engine k mod N
+        assert unshard(parts) == items

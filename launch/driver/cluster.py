@@ -23,10 +23,9 @@ class Cluster:
     """The actors of one run, placed from ``cfg.cluster``: policy engines, simulator pool, learners, reference."""
 
     def __init__(self, cfg: Config, policy_path: str, corpus_path: str, run_dir: Path) -> None:
-        import ray
         from transformers import AutoTokenizer
 
-        from actors.rollout import RolloutActor
+        from actors.group import RolloutGroup
         from learners.group import LearnerGroup
         from learners.policy import PolicyLearner
         from learners.reference import ReferenceLearner
@@ -55,12 +54,10 @@ class Cluster:
             validation_factory = functools.partial(build_search_engine, real, sim_cfg, None, corpus_path)
         # Fault injection for tests: this engine ignores every weight load (the sync check must name it).
         stuck = int(os.environ.get("ZEROSEARCH_FAULT_SKIP_WEIGHT_LOADS", "-1"))
-        self.engines = [
-            ray.remote(RolloutActor).options(num_cpus=1, num_gpus=c.rollout_gpus, max_concurrency=10_000)
-            .remote(policy_path, engine_kwargs, search_factory, cfg.rollout, env, validation_factory,
-                    skip_weight_loads=k == stuck)
-            for k in range(c.rollout_engines)
-        ]
+        self.rollouts = RolloutGroup(policy_path, engine_kwargs, search_factory, cfg.rollout, env,
+                                     num_engines=c.rollout_engines, num_gpus=c.rollout_gpus,
+                                     validation_factory=validation_factory, skip_weight_loads_of=stuck)
+        self.engines = self.rollouts.actors
         learner_cfg = cfg.learner  # its total_steps is ${train.total_steps} unless set on purpose
         # A KL penalty in the reward replaces the KL loss term; the coefficient is the same key either way.
         self.kl_in_reward = learner_cfg.kl_coef if kl_penalty(cfg) == "reward" else 0.0
@@ -79,7 +76,7 @@ class Cluster:
                 policy_path, bf16=learner_cfg.reference_bf16, offload=learner_cfg.offload_reference,
                 micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads,
                 share_prompts=learner_cfg.share_prompts)
-        ray.get([e.ready.remote() for e in self.engines], timeout=timeout)
+        self.rollouts.ready(timeout)
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
         self.weights = WeightSync(cfg, self.learners, self.engines, canary_ids, run_dir)
@@ -113,34 +110,20 @@ class Cluster:
 
         ``first_index`` numbers the prompts of a refill round after those of the step's earlier rounds, so that every
         episode of a step has its own seed."""
-        import ray
 
         from launch.driver.sampler import episode_requests
 
-        started = time.perf_counter()
-        deadline = started + self.cfg.train.rollout_timeout_s
+        deadline = time.perf_counter() + self.cfg.train.rollout_timeout_s
         requests = episode_requests(prompts, self.cfg.seed, step, first_index)
         group_size = 1 if temperature == 0.0 else self.cfg.train.group_size  # greedy: one answer per question
-        streams = [engine.rollout.options(num_returns="streaming").remote(
-                   requests[k::len(self.engines)], group_size, noise_prob, temperature, validation_engine)
-                   for k, engine in enumerate(self.engines)]
         trajectories = []
-        for stream in streams:
-            while True:
-                # Short waits, so that a background rollout notices the run closing instead of holding up the exit.
-                ready, _ = ray.wait([stream], timeout=min(5.0, max(0.0, deadline - time.perf_counter())))
-                if self.closing:
-                    raise RuntimeError(f"rollout of step {step} abandoned: the run is closing")
-                if not ready and time.perf_counter() < deadline:
-                    continue
-                if not ready:
-                    raise TimeoutError(f"rollout of step {step} did not finish within "
-                                       f"train.rollout_timeout_s={self.cfg.train.rollout_timeout_s}")
-                try:
-                    ref = next(stream)
-                except StopIteration:
-                    break
-                trajectories.extend(ray.get(ref, timeout=60))
+        try:
+            for group in self.rollouts.stream(requests, group_size, noise_prob, deadline, temperature,
+                                              validation_engine, abandoned=lambda: self.closing,
+                                              what=f"rollout of step {step}"):
+                trajectories.extend(group)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e} (train.rollout_timeout_s={self.cfg.train.rollout_timeout_s})") from e
         return trajectories
 
     def score(self, trajectories) -> tuple[list, dict[str, float]]:
@@ -180,13 +163,11 @@ class Cluster:
     def raw_throughput(self, trajectories, rollout_tokens_per_s: float) -> dict[str, float]:
         """Plain vLLM ``generate`` at the last step's volume (its prompts, its mean tokens per episode), on the same
         engines, against the multi-turn rollout's tokens/s: what searching, observation prefill and turn-taking cost."""
-        import ray
 
         prompts = [t.prompt_ids for t in trajectories]
         max_tokens = max(1, round(statistics.fmean(t.stats.generated_tokens for t in trajectories)))
         started = time.perf_counter()
-        ray.get([e.raw_generate.remote(prompts[k::len(self.engines)], max_tokens)
-                 for k, e in enumerate(self.engines)], timeout=self.cfg.train.rollout_timeout_s)
+        self.rollouts.raw_generate(prompts, max_tokens, timeout_s=self.cfg.train.rollout_timeout_s)
         raw = len(prompts) * max_tokens / (time.perf_counter() - started)
         return {"perf/raw_generate_tokens_per_s": raw, "perf/rollout_tokens_per_s": rollout_tokens_per_s,
                 "perf/rollout_vs_raw": rollout_tokens_per_s / raw}
