@@ -58,7 +58,7 @@ class EpisodeRequest:
     seed: int
 
 
-class PolicyEngine:
+class RolloutCore:
     """The pure core of a rollout actor: vLLM engine, tokenizer, search engine, and the episode loop."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], search_engine: Any, cfg: RolloutConfig) -> None:
@@ -237,13 +237,13 @@ class PolicyEngine:
 
 
 class RolloutActor:
-    """Thin Ray shell over ``PolicyEngine``. Created with ``ray.remote(RolloutActor).options(...)`` by the driver."""
+    """Thin Ray shell over ``RolloutCore``. Created with ``ray.remote(RolloutActor).options(...)`` by the driver."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], search_factory: Any, cfg: RolloutConfig,
                  env: dict[str, str] | None = None, validation_search_factory: Any = None,
                  skip_weight_loads: bool = False) -> None:
         os.environ.update(env or {})
-        self.core = PolicyEngine(model, engine_kwargs, search_factory(), cfg)
+        self.core = RolloutCore(model, engine_kwargs, search_factory(), cfg)
         self.core.skip_weight_loads = skip_weight_loads
         # A second, real engine for validation next to the simulator (``train.val_every``).
         self.validation_search = validation_search_factory() if validation_search_factory else None

@@ -7,7 +7,7 @@ The batch is ``groups × group-size`` sequences; the samples of a group share th
 compute the reference logprobs (a frozen copy of the model, no gradient) and then one update of the token-mean PPO
 loss on the same batch, in fp32 with the learner's CPU threads:
 
-- ours: ``ReferenceLearner`` and a one-rank ``LearnerGroup`` of ``PolicyLearner`` (Ray actors, DeepSpeed ZeRO-2 on
+- ours: ``ReferenceActor`` and a one-rank ``LearnerGroup`` of ``PolicyActor`` (Ray actors, DeepSpeed ZeRO-2 on
   the CPU accelerator), with the CPU config's micro-batch budgets;
 - plain: an HF model with ``torch.optim.AdamW``, one forward and backward over the whole batch, logits kept only for
   the response positions (``logits_to_keep``), the same loss terms (ratio, KL, entropy).
@@ -64,15 +64,15 @@ def ours(model: str, samples, rounds: int, threads: int) -> float:
 
     from learners.config import LearnerConfig
     from learners.group import LearnerGroup
-    from learners.policy import PolicyLearner
-    from learners.reference import ReferenceLearner
+    from learners.policy import PolicyActor
+    from learners.reference import ReferenceActor
 
     cfg = LearnerConfig(bf16=False, lr=1e-6, warmup_steps=0, micro_batch_tokens=2048,
                         logprob_micro_batch_tokens=4096, cpu_threads=threads)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        learners = LearnerGroup(PolicyLearner, 1, model, cfg, num_cpus=1, timeout_s=1800)
-        reference = ReferenceLearner.options(num_cpus=0.5).remote(model, bf16=False, micro_batch_tokens=4096,
+        learners = LearnerGroup(PolicyActor, 1, model, cfg, num_cpus=1, timeout_s=1800)
+        reference = ray.remote(ReferenceActor).options(num_cpus=0.5).remote(model, bf16=False, micro_batch_tokens=4096,
                                                                   cpu_threads=threads)
 
         def update() -> None:

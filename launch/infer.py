@@ -59,7 +59,7 @@ def _questions(path: Path) -> list[str]:
 
 async def run(cfg: InferConfig) -> None:
     from actors.episode import EpisodeConfig
-    from actors.rollout import PolicyEngine, RolloutConfig
+    from actors.rollout import RolloutConfig, RolloutCore
     from launch.evaluate import resolve_policy
     from launch.paths import resolve
     from simulator.config import SearchConfig
@@ -78,7 +78,7 @@ async def run(cfg: InferConfig) -> None:
     episode = EpisodeConfig(max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn,
                             max_obs_tokens=cfg.max_obs_tokens)
     rollout_cfg = RolloutConfig(temperature=0.0, guided_first_turn_regex=cfg.guided_first_turn_regex, episode=episode)
-    engine = PolicyEngine(resolve_policy(cfg.model), dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+    engine = RolloutCore(resolve_policy(cfg.model), dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                                                           enforce_eager=True, gpu_memory_utilization=0.3),
                           search, rollout_cfg)
 

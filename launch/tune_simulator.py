@@ -110,7 +110,7 @@ def tune(cfg: Config, base_model: str, out: Path, run_name: str = "") -> dict[st
 
     from launch.driver.run_logger import RunLogger
     from learners.group import LearnerGroup
-    from learners.sft import SFTLearner
+    from learners.sft import SFTActor
     from simulator.tuning_data import read_sft_examples
 
     t = cfg.simulation.tune
@@ -129,7 +129,7 @@ def tune(cfg: Config, base_model: str, out: Path, run_name: str = "") -> dict[st
                        {"tune": dataclasses.asdict(t), "base_model": base_model, "examples": len(train)},
                        resume=resume is not None)
     start_step = 0
-    learners = LearnerGroup(SFTLearner, cfg.cluster.learners, base_model, tune_config(cfg), num_cpus=1,
+    learners = LearnerGroup(SFTActor, cfg.cluster.learners, base_model, tune_config(cfg), num_cpus=1,
                             num_gpus=cfg.cluster.learner_gpus, timeout_s=cfg.cluster.actor_start_timeout_s)
     losses: list[float] = []
     val_losses: dict[int, float] = {}

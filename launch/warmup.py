@@ -161,7 +161,7 @@ def warm_up(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path,
         return str(out), {**summary, "cached": True}
 
     from learners.group import LearnerGroup
-    from learners.sft import SFTLearner
+    from learners.sft import SFTActor
 
     started = time.perf_counter()
     demos, written = write_demonstrations(cfg, policy_path, train_file, corpus_file)
@@ -170,7 +170,7 @@ def warm_up(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path,
     print(f"warm-up: {len(demos)} grounded demonstrations of {written} written ({t_demos:.1f}s); "
           f"fine-tuning for {cfg.warmup.steps} steps", flush=True)
 
-    learners = LearnerGroup(SFTLearner, cfg.cluster.learners, policy_path, sft_config(cfg), num_cpus=1,
+    learners = LearnerGroup(SFTActor, cfg.cluster.learners, policy_path, sft_config(cfg), num_cpus=1,
                             num_gpus=cfg.cluster.learner_gpus, timeout_s=cfg.cluster.actor_start_timeout_s)
     losses = []
     try:

@@ -1,6 +1,6 @@
 """The PPO critic: a value head on the policy's transformer, trained on GAE returns with a clipped value loss.
 
-``CriticTrainer`` is the testable core (no Ray); ``Critic`` is the thin Ray actor around it, one per data-parallel
+``CriticCore`` is the testable core (no Ray); ``CriticActor`` is the thin Ray actor around it, one per data-parallel
 rank, started with ``LearnerGroup`` like the policy learners.
 
 V_t is read at the position that predicts response token t, i.e. the value of the state in which token t is chosen.
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import ray
 import torch
 from torch import Tensor, nn
 
 from learners.algorithms import masked_sum, token_mean_loss, value_loss
 from learners.batch import LearnerSample
 from learners.engine import DeepSpeedCore, MicroBatch
-from learners.policy import LearnerActorShell
+from learners.shell import LearnerActor
 
 
 class ValueModel(nn.Module):
@@ -54,7 +53,7 @@ def response_values(model: nn.Module, mb: MicroBatch) -> Tensor:
     return values.gather(1, mb.positions).float()
 
 
-class CriticTrainer(DeepSpeedCore):
+class CriticCore(DeepSpeedCore):
     """The critic's update. Every sample needs ``returns`` and ``old_values`` (the values GAE used)."""
 
     shares_prompts = False  # the value head reads every position's hidden state, not response_logits
@@ -97,11 +96,11 @@ class CriticTrainer(DeepSpeedCore):
         return metrics
 
 
-class CriticActor(LearnerActorShell):
-    core_cls = CriticTrainer
+class CriticActor(LearnerActor):
+    """The Ray actor of one data-parallel critic rank (``LearnerGroup(CriticActor, ...)``)."""
+
+    core_cls = CriticCore
 
     def values(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
         return self.core.values(samples)
 
-
-Critic = ray.remote(CriticActor)

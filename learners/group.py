@@ -32,13 +32,14 @@ def shard_by_tokens(lengths: Sequence[int], num_shards: int) -> list[list[int]]:
 
 
 class LearnerGroup:
-    """``num_learners`` actors of ``actor_cls`` (a ``ray.remote`` learner shell) forming one DeepSpeed group."""
+    """``num_learners`` Ray actors of ``actor_cls`` (a ``learners.shell.LearnerActor``) forming one DeepSpeed
+    group."""
 
     def __init__(self, actor_cls, num_learners: int, model_path: str, cfg: LearnerConfig, num_cpus: float = 1,
                  num_gpus: float = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self.cfg = cfg
-        self.actors = [actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(rank, num_learners)
+        self.actors = [ray.remote(actor_cls).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(rank, num_learners)
                        for rank in range(num_learners)]
         addr, port = ray.get(self.actors[0].master_address.remote(), timeout=timeout_s)
         self._get([a.setup.remote(addr, port, str(model_path), cfg) for a in self.actors])
@@ -73,7 +74,7 @@ class LearnerGroup:
         return self._per_token("logprobs", samples)
 
     def values(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
-        """The critic's V_t per response token (a group of ``Critic`` actors)."""
+        """The critic's V_t per response token (a group of ``CriticActor``s)."""
         return self._per_token("values", samples)
 
     def _per_token(self, method: str, samples: Sequence[LearnerSample]) -> list[list[float]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import ray
 import torch
 
 from learners.batch import LearnerSample
@@ -21,7 +20,7 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-class ReferenceModel:
+class ReferenceCore:
     """Same ``logprobs(samples)`` contract as the policy learner.
 
     ``bf16=True`` matches a bf16 policy's numerics (the KL starts at 0); ``bf16=False`` computes in fp32.
@@ -57,16 +56,14 @@ class ReferenceModel:
 
 
 class ReferenceActor:
-    """Thin Ray actor over ``ReferenceModel``."""
+    """Thin Ray actor over ``ReferenceCore``."""
 
     def __init__(self, model_path: str, bf16: bool = True, offload: bool = False,
                  micro_batch_tokens: int = 16384, cpu_threads: int = 0, share_prompts: bool = True) -> None:
         use_cpu_threads(cpu_threads)
-        self.core = ReferenceModel(model_path, bf16=bf16, offload=offload, micro_batch_tokens=micro_batch_tokens,
+        self.core = ReferenceCore(model_path, bf16=bf16, offload=offload, micro_batch_tokens=micro_batch_tokens,
                                    share_prompts=share_prompts)
 
     def logprobs(self, samples: Sequence[LearnerSample]) -> list[list[float]]:
         return self.core.logprobs(samples)
 
-
-ReferenceLearner = ray.remote(ReferenceActor)

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import ray
 from torch import Tensor
 
 from learners.algorithms import masked_sum, token_mean_loss
 from learners.batch import LearnerSample
 from learners.engine import DeepSpeedCore, MicroBatch, response_logits, token_logprobs
-from learners.policy import LearnerActorShell
+from learners.shell import LearnerActor
 
 
-class SFTTrainer(DeepSpeedCore):
+class SFTCore(DeepSpeedCore):
     """Token-mean negative log-likelihood of the masked response tokens; one optimizer step per ``train_step``."""
 
     def _nll_loss(self, mb: MicroBatch, n_global: float) -> tuple[Tensor, dict[str, float]]:
@@ -33,8 +32,6 @@ class SFTTrainer(DeepSpeedCore):
                 **{f"sft/{k}": update[f"sft/{k}"] for k in ("grad_norm", "lr", "padding_share", "num_tokens")}}
 
 
-class SFTLearnerActor(LearnerActorShell):
-    core_cls = SFTTrainer
+class SFTActor(LearnerActor):
+    core_cls = SFTCore
 
-
-SFTLearner = ray.remote(SFTLearnerActor)

@@ -23,9 +23,9 @@ def _with_targets(samples, values):
 def scenario_critic(out_dir: str) -> dict:
     from launch.assets import model_path
     from learners.config import LearnerConfig
-    from learners.critic import CriticTrainer
+    from learners.critic import CriticCore
 
-    critic = CriticTrainer(model_path("tiny-llama"), LearnerConfig(bf16=False, lr=1e-2, warmup_steps=0,
+    critic = CriticCore(model_path("tiny-llama"), LearnerConfig(bf16=False, lr=1e-2, warmup_steps=0,
                                                                    micro_batch_tokens=48, value_clip=0.05))
     samples = make_samples()
     initial = critic.values(samples)

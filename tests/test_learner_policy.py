@@ -66,13 +66,13 @@ def scenario_core(out_dir: str) -> dict:
 
     from launch.assets import model_path
     from learners.config import LearnerConfig
-    from learners.policy import PolicyTrainer
-    from learners.reference import ReferenceModel
+    from learners.policy import PolicyCore
+    from learners.reference import ReferenceCore
 
     path = model_path("tiny-llama")
     out = Path(out_dir)
-    trainer = PolicyTrainer(path, LearnerConfig(lr=1e-2, warmup_steps=0, micro_batch_tokens=48, kl_coef=0.001))
-    reference = ReferenceModel(path, bf16=True)
+    trainer = PolicyCore(path, LearnerConfig(lr=1e-2, warmup_steps=0, micro_batch_tokens=48, kl_coef=0.001))
+    reference = ReferenceCore(path, bf16=True)
     samples = make_samples()
     ref = reference.logprobs(samples)
     pol = trainer.logprobs(samples)
@@ -90,7 +90,7 @@ def scenario_core(out_dir: str) -> dict:
 
     # KL sign: a fresh optimizer (no momentum from the step above), advantages 0, entropy off, a large KL weight and a
     # reference that disagrees with the policy. Each step must bring the policy closer to that reference.
-    kl_trainer = PolicyTrainer(path, LearnerConfig(lr=1e-3, warmup_steps=0, kl_coef=1.0, entropy_coef=0.0))
+    kl_trainer = PolicyCore(path, LearnerConfig(lr=1e-3, warmup_steps=0, kl_coef=1.0, entropy_coef=0.0))
     shifted = [s.__class__(**{**s.__dict__, "advantages": [0.0] * s.response_len,
                               "ref_logprobs": [x - 1.0 for x in r]}) for s, r in zip(samples, ref)]
     result["kl_trace"] = [kl_trainer.train_step(shifted)["actor/kl"] for _ in range(4)]
@@ -180,12 +180,12 @@ def scenario_exact(out_dir: str) -> dict:
 
     from launch.assets import model_path
     from learners.engine import plan_micro_batches
-    from learners.policy import PolicyTrainer
-    from learners.reference import ReferenceModel
+    from learners.policy import PolicyCore
+    from learners.reference import ReferenceCore
 
     path = model_path("tiny-llama")
     samples = make_samples(seed=1, n=6)
-    one = PolicyTrainer(path, _exact_config(micro_batch_tokens=10_000))
+    one = PolicyCore(path, _exact_config(micro_batch_tokens=10_000))
     ref = one.logprobs(samples)
     rng = random.Random(7)
     for i, (s, r) in enumerate(zip(samples, ref)):
@@ -194,7 +194,7 @@ def scenario_exact(out_dir: str) -> dict:
             s.old_logprobs = [x + rng.uniform(-0.4, 0.4) for x in r]
     delta_one, metrics_one = _update(one, samples)
 
-    many = PolicyTrainer(path, _exact_config(micro_batch_tokens=24))
+    many = PolicyCore(path, _exact_config(micro_batch_tokens=24))
     delta_many, metrics_many = _update(many, samples)
 
     # Perturb everything under loss_mask 0: advantages, old/ref logprobs, and the trailing observation token.
@@ -207,7 +207,7 @@ def scenario_exact(out_dir: str) -> dict:
                     s.old_logprobs[t] = -30.0
                 s.ref_logprobs[t] = -30.0
         s.input_ids[-1] = (s.input_ids[-1] + 17) % 5000 + 100  # last response token is an observation (mask 0)
-    masked = PolicyTrainer(path, _exact_config(micro_batch_tokens=10_000))
+    masked = PolicyCore(path, _exact_config(micro_batch_tokens=10_000))
     delta_masked, _ = _update(masked, perturbed)
     del one, many, masked
 
@@ -215,7 +215,7 @@ def scenario_exact(out_dir: str) -> dict:
     # old logprobs the ratio is 1, so with the KL and entropy off each step's token-mean loss is −Σ m·A / Σ m over
     # its own mini-batch, whatever the weights after the first step.
     eight = make_samples(seed=3, n=8)
-    mini = PolicyTrainer(path, _exact_config(mini_batch_size=4, kl_coef=0.0, entropy_coef=0.0, warmup_steps=4))
+    mini = PolicyCore(path, _exact_config(mini_batch_size=4, kl_coef=0.0, entropy_coef=0.0, warmup_steps=4))
     metrics_mini = mini.train_step(eight)
     hand = [-sum(sum(s.loss_mask) * s.advantages[0] for s in part) / sum(sum(s.loss_mask) for s in part)
             for part in (eight[:4], eight[4:])]
@@ -225,13 +225,13 @@ def scenario_exact(out_dir: str) -> dict:
     # Shared prompts: two groups of 4 and a single sample; computing each group's prompt once gives the unshared
     # logprobs, loss and update (the KL and entropy terms included).
     groups = grouped_samples()
-    reference = ReferenceModel(path, bf16=False, share_prompts=False).logprobs(groups)
-    reference_shared = ReferenceModel(path, bf16=False, share_prompts=True).logprobs(groups)
+    reference = ReferenceCore(path, bf16=False, share_prompts=False).logprobs(groups)
+    reference_shared = ReferenceCore(path, bf16=False, share_prompts=True).logprobs(groups)
     for sample, row in zip(groups, reference):
         sample.ref_logprobs = [x + 0.1 for x in row]
     shared_runs = {}
     for share in (False, True):
-        trainer = PolicyTrainer(path, _exact_config(micro_batch_tokens=60, share_prompts=share))
+        trainer = PolicyCore(path, _exact_config(micro_batch_tokens=60, share_prompts=share))
         logprobs = trainer.logprobs(groups)
         shared_runs[share] = (logprobs, *_update(trainer, groups))
         del trainer
@@ -268,15 +268,15 @@ def scenario_zero3(out_dir: str) -> dict:
 
     from launch.assets import model_path
     from learners.config import LearnerConfig
-    from learners.policy import PolicyTrainer
-    from learners.reference import ReferenceModel
+    from learners.policy import PolicyCore
+    from learners.reference import ReferenceCore
 
     path = model_path("tiny-llama")
     cfg = LearnerConfig(zero_stage=3, gradient_checkpointing=True, lr=1e-2, warmup_steps=0, micro_batch_tokens=24,
                         kl_coef=0.0)
-    trainer = PolicyTrainer(path, cfg)
+    trainer = PolicyCore(path, cfg)
     samples = make_samples()
-    ref = ReferenceModel(path).logprobs(samples)
+    ref = ReferenceCore(path).logprobs(samples)
     pol = trainer.logprobs(samples)
     before = load_file(trainer.publish_weights(Path(out_dir) / "w", 0))
     metrics = trainer.train_step(samples)
@@ -418,7 +418,7 @@ def test_policy_learner_ray_actor_and_data_parallel_match(ray_local, tiny_llama_
     from safetensors.torch import load_file
 
     from learners.group import LearnerGroup
-    from learners.policy import PolicyLearner
+    from learners.policy import PolicyActor
 
     samples = make_samples(seed=2, n=5)
     for s in samples:
@@ -426,7 +426,7 @@ def test_policy_learner_ray_actor_and_data_parallel_match(ray_local, tiny_llama_
     cfg = _exact_config(micro_batch_tokens=24)
     results, canary, checksums, resumed = {}, {}, {}, {}
     for n in (1, 2):
-        group = LearnerGroup(PolicyLearner, n, str(tiny_llama_path), cfg, num_cpus=1, timeout_s=600)
+        group = LearnerGroup(PolicyActor, n, str(tiny_llama_path), cfg, num_cpus=1, timeout_s=600)
         try:
             logprobs = group.logprobs(samples)
             metrics = group.train_step(samples)

@@ -29,10 +29,10 @@ def scenario_sft(out_dir: str) -> dict:
     from launch.assets import model_path
     from learners.config import LearnerConfig
     from learners.engine import collate, response_logits, token_logprobs
-    from learners.sft import SFTTrainer
+    from learners.sft import SFTCore
 
     cfg = LearnerConfig(lr=2e-2, warmup_steps=2, micro_batch_tokens=24, bf16=True)
-    trainer = SFTTrainer(model_path("tiny-llama"), cfg)
+    trainer = SFTCore(model_path("tiny-llama"), cfg)
     data = _demonstrations()
     history = [trainer.train_step(data) for _ in range(10)]
     exported = trainer.export_hf(Path(out_dir) / "sft_hf")

@@ -23,12 +23,13 @@ class Cluster:
     """The actors of one run, placed from ``cfg.cluster``: policy engines, simulator pool, learners, reference."""
 
     def __init__(self, cfg: Config, policy_path: str, corpus_path: str, run_dir: Path) -> None:
+        import ray
         from transformers import AutoTokenizer
 
         from actors.group import RolloutGroup
         from learners.group import LearnerGroup
-        from learners.policy import PolicyLearner
-        from learners.reference import ReferenceLearner
+        from learners.policy import PolicyActor
+        from learners.reference import ReferenceActor
         from simulator.simulated import build_search_engine
 
         self.cfg = cfg
@@ -62,17 +63,17 @@ class Cluster:
         # A KL penalty in the reward replaces the KL loss term; the coefficient is the same key either way.
         self.kl_in_reward = learner_cfg.kl_coef if kl_penalty(cfg) == "reward" else 0.0
         policy_cfg = dataclasses.replace(learner_cfg, kl_coef=0.0) if self.kl_in_reward else learner_cfg
-        self.learners = LearnerGroup(PolicyLearner, c.learners, policy_path, policy_cfg, num_cpus=1,
+        self.learners = LearnerGroup(PolicyActor, c.learners, policy_path, policy_cfg, num_cpus=1,
                                      num_gpus=c.learner_gpus, timeout_s=timeout)
         self.critic = None
         if cfg.train.algorithm == "ppo":
-            from learners.critic import Critic
+            from learners.critic import CriticActor
 
-            self.critic = LearnerGroup(Critic, c.critics, policy_path, cfg.critic, num_cpus=1,
+            self.critic = LearnerGroup(CriticActor, c.critics, policy_path, cfg.critic, num_cpus=1,
                                        num_gpus=c.critic_gpus, timeout_s=timeout)
         self.reference = None
         if learner_cfg.kl_coef > 0:
-            self.reference = ReferenceLearner.options(num_cpus=0.5, num_gpus=c.reference_gpus).remote(
+            self.reference = ray.remote(ReferenceActor).options(num_cpus=0.5, num_gpus=c.reference_gpus).remote(
                 policy_path, bf16=learner_cfg.reference_bf16, offload=learner_cfg.offload_reference,
                 micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads,
                 share_prompts=learner_cfg.share_prompts)
