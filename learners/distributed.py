@@ -7,15 +7,20 @@ variables and joins the group through DeepSpeed. Gloo on CPU, NCCL on GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 # How long ranks wait for each other at rendezvous and in collectives before failing loudly rather than hanging.
 DEFAULT_TIMEOUT_S = 600.0
+# A torch extension build lock older than this was left by a killed process (a live build holds it for seconds).
+STALE_BUILD_LOCK_S = 120.0
 
 
 def node_ip() -> str:
@@ -81,9 +86,28 @@ def init_distributed(
     })
     import deepspeed
 
+    clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=backend or default_backend(), timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove torch JIT-extension build locks older than ``max_age_s`` (DeepSpeed builds its CPU ops, such as
+    ``deepspeed_shm_comm``, through torch's ``cpp_extension``). A process killed while it held one leaves the lock
+    behind, and every later learner waits on it for good, up to its start-up timeout. A live build holds its lock for
+    seconds, not minutes. Returns the locks removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    root = Path(_get_build_directory("any", verbose=False)).parent
+    removed = []
+    for lock in root.glob("*/lock"):
+        with contextlib.suppress(OSError):
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+                print(f"removed a stale build lock left by a killed process: {lock}", flush=True)
+    return removed
 
 
 def init_single_process(backend: str | None = None) -> None:

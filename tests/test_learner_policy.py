@@ -465,3 +465,20 @@ def test_policy_learner_ray_actor_and_data_parallel_match(ray_local, tiny_llama_
 
 if __name__ == "__main__":
     print("RESULT " + json.dumps(SCENARIOS[sys.argv[1]](sys.argv[2])), flush=True)
+
+
+def test_a_build_lock_left_by_a_killed_process_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from learners.distributed import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - 600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks(max_age_s=120) == [str(stale)]
+    assert not stale.exists() and fresh.exists()
