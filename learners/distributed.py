@@ -97,11 +97,12 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
     ``deepspeed_shm_comm``, through torch's ``cpp_extension``). A process killed while it held one leaves the lock
     behind, and every later learner waits on it for good, up to its start-up timeout. A live build holds its lock for
     seconds, not minutes. Returns the locks removed."""
-    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.cpp_extension import get_default_build_root
 
-    root = Path(_get_build_directory("any", verbose=False)).parent
+    # Builds live in <root>/<name>/, or <root>/<py..._cpu|cu...>/<name>/ under the default root.
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     removed = []
-    for lock in root.glob("*/lock"):
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
         with contextlib.suppress(OSError):
             if time.time() - lock.stat().st_mtime > max_age_s:
                 lock.unlink()
