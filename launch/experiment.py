@@ -69,7 +69,7 @@ def run_experiment(dict_cfg: DictConfig, overrides: list[str]) -> dict[str, Any]
     from launch.paths import ensure_data
 
     files = ensure_data(cfg.data)
-    base_model, warmed, warmup_s = _warmed_policy(cfg, out)
+    base_model, warmed, warmup_s = _warmed_policy(cfg, files, out)
     arms: dict[str, dict[str, Any]] = {}
     for arm in c.arms:
         folder = out / arm
@@ -82,31 +82,28 @@ def run_experiment(dict_cfg: DictConfig, overrides: list[str]) -> dict[str, Any]
                 continue
             atomic_write_json(folder / ARM_FILE, result)
             arms[arm] = result
-        _write_results(out, cfg, arms, warmup_s)
+            _write_results(out, cfg, arms, warmup_s)  # an interrupted experiment still leaves its table
     return _write_results(out, cfg, arms, warmup_s)
 
 
-def _warmed_policy(cfg: Config, out: Path) -> tuple[str, str, float]:
-    """The shipped model, the warm-up policy every RL arm starts from (built once; cached), and the warm-up's time."""
+def _warmed_policy(cfg: Config, files: dict[str, Path], out: Path) -> tuple[str, str, float]:
+    """The shipped model, the warm-up policy every RL arm starts from (built once; cached), and the seconds the
+    warm-up took when it was built."""
     import ray
 
     from launch.assets import resolve_model
     from launch.driver.cluster import init_ray
-    from launch.paths import ensure_data
     from launch.warmup import warm_up
 
     base = resolve_model(cfg.model.name)
-    files = ensure_data(cfg.data)
-    started = time.perf_counter()
     init_ray(cfg)
     try:
         warmed, summary = warm_up(cfg, base, files["train"], files["corpus"], out / "warmup_policy")
     finally:
         ray.shutdown()
-    seconds = 0.0 if summary.get("cached") else time.perf_counter() - started
     if summary:
         atomic_write_json(out / "warmup.json", {k: v for k, v in summary.items() if k != "example"})
-    return base, warmed, summary.get("seconds", seconds) if summary else 0.0
+    return base, warmed, summary.get("seconds", 0.0)
 
 
 def _run_arm(arm: str, cfg: Config, overrides: list[str], base_model: str, warmed: str, files: dict[str, Path],
@@ -146,9 +143,11 @@ def train_arm(overrides: list[str], arm_overrides: list[str], policy: str, run_d
     spent_file = run_dir / "wall_s.json"
     spent = json.loads(spent_file.read_text())["seconds"] if spent_file.is_file() else 0.0
     started = time.perf_counter()
-    summary = train(OmegaConf.to_object(composed), run_dir, OmegaConf.to_container(composed, resolve=True))
-    spent += time.perf_counter() - started
-    atomic_write_json(spent_file, {"seconds": spent})
+    try:
+        summary = train(OmegaConf.to_object(composed), run_dir, OmegaConf.to_container(composed, resolve=True))
+    finally:  # a session that dies still counts; the resumed one adds its own
+        spent += time.perf_counter() - started
+        atomic_write_json(spent_file, {"seconds": spent})
     return summary, spent
 
 
