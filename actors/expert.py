@@ -73,6 +73,36 @@ def _topic(question: str) -> str:
     return query[:1].lower() + query[1:]
 
 
+def decision_token_index(response_ids: list[int], loss_mask: list[int], tokenizer: Any) -> int | None:
+    """Index of the token of the last turn that first tells ``<answer>`` from ``<search>``: the one that writes the
+    character after ``<``. ``None`` when the last turn opens no ``<answer>``."""
+    first = max((i for i, m in enumerate(loss_mask) if m == 0), default=-1) + 1  # the turn after the last observation
+    turn = response_ids[first:]
+    at = tokenizer.decode(turn, skip_special_tokens=True).rfind("<answer>")
+    if at < 0:
+        return None
+    for k in range(1, len(turn) + 1):
+        if len(tokenizer.decode(turn[:k], skip_special_tokens=True)) > at + 1:
+            return first + k - 1
+    return None
+
+
+def search_again_ids(response_ids: list[int], loss_mask: list[int], tokenizer: Any) -> list[int] | None:
+    """The demonstration's response cut at its decision token, which is replaced by the one that opens ``<search>``
+    instead of ``<answer>``: the same turn, choosing to search again. ``None`` when the turn has no decision token."""
+    k = decision_token_index(response_ids, loss_mask, tokenizer)
+    if k is None:
+        return None
+    first = max((i for i, m in enumerate(loss_mask) if m == 0), default=-1) + 1
+    prefix = tokenizer.decode(response_ids[first:k], skip_special_tokens=True)
+    cut = prefix[:prefix.rfind("<") + 1]  # the decision token may also carry the "<" (or more) of the tag
+    searched = list(tokenizer.encode(cut + "search>", add_special_tokens=False))
+    kept = list(tokenizer.encode(cut, add_special_tokens=False))
+    if kept != response_ids[first:first + len(kept)] or searched[:len(kept)] != kept or len(searched) == len(kept):
+        return None  # the tokenizer merges across the cut: no single token makes the choice
+    return response_ids[:first] + searched[:len(kept) + 1]
+
+
 def information_text(response_text: str) -> str:
     """Everything the response read inside ``<information>`` blocks."""
     return "\n".join(_INFORMATION.findall(response_text))

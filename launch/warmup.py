@@ -97,11 +97,23 @@ def write_demonstrations(cfg: Config, policy_path: str, train_file: Path, corpus
     return kept[:w.demonstrations], written
 
 
-def demonstration_samples(demos) -> list:
+def demonstration_samples(demos, tokenizer: Any = None, search_again_share: float = 0.0, seed: int = 0) -> list:
+    """One SFT sample per demonstration, and for ``search_again_share / (1 - share)`` of them a sibling trained only
+    on choosing ``<search>`` over ``<answer>`` after the observation (``WarmupConfig.search_again_share``)."""
+    from actors.expert import search_again_ids
     from learners.batch import LearnerSample
 
-    return [LearnerSample(input_ids=d.prompt_ids + d.response_ids, prompt_len=len(d.prompt_ids),
-                          loss_mask=list(d.loss_mask)) for d in demos]
+    if not 0.0 <= search_again_share < 1.0:
+        raise ValueError(f"warmup.search_again_share={search_again_share}; expected a share in [0, 1)")
+    samples = [LearnerSample(input_ids=d.prompt_ids + d.response_ids, prompt_len=len(d.prompt_ids),
+                             loss_mask=list(d.loss_mask)) for d in demos]
+    siblings = round(len(demos) * search_again_share / (1.0 - search_again_share))
+    for d in random.Random(seed).sample(demos, min(siblings, len(demos))):
+        response = search_again_ids(d.response_ids, d.loss_mask, tokenizer)
+        if response is not None:
+            samples.append(LearnerSample(input_ids=d.prompt_ids + response, prompt_len=len(d.prompt_ids),
+                                         loss_mask=[0] * (len(response) - 1) + [1]))
+    return samples
 
 
 def sft_config(cfg: Config):
@@ -165,7 +177,10 @@ def warm_up(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path,
 
     started = time.perf_counter()
     demos, written = write_demonstrations(cfg, policy_path, train_file, corpus_file)
-    samples = demonstration_samples(demos)
+    from transformers import AutoTokenizer
+
+    samples = demonstration_samples(demos, AutoTokenizer.from_pretrained(policy_path), cfg.warmup.search_again_share,
+                                   cfg.warmup.seed)
     t_demos = time.perf_counter() - started
     print(f"warm-up: {len(demos)} grounded demonstrations of {written} written ({t_demos:.1f}s); "
           f"fine-tuning for {cfg.warmup.steps} steps", flush=True)
@@ -207,9 +222,13 @@ def warm_up(cfg: Config, policy_path: str, train_file: Path, corpus_file: Path,
         "example": demos[0].response_text,
     }
     (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, out)  # the summary file marks a complete folder; the rename makes it appear at once
+    if (out / SUMMARY_FILE).is_file():
+        # Another process built the same policy meanwhile and may be reading it: keep that one.
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)  # a folder without its summary is an interrupted copy
+        os.replace(staging, out)  # the summary file marks a complete folder; the rename makes it appear at once
     print(f"warm-up: done in {summary['seconds']:.0f}s, SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}; policy at {out}",
           flush=True)
     return str(out), {**summary, "cached": False}
