@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Any
 
 NO_INFORMATION = "No information available"
 
@@ -81,3 +82,13 @@ class SearchEngine(abc.ABC):
     async def close(self) -> None:
         """Release sockets, actors or files. Engines that hold nothing need not override it."""
         return None
+
+
+def resolve_top_k(ctx: SearchContext | None, default: int) -> int:
+    """The episode's `ctx.top_k` decides how many documents a search returns; without a context, the engine's own."""
+    return ctx.top_k if ctx is not None and ctx.top_k > 0 else default
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, for error messages: ``null``, ``dict``, ``list``, ``str``..."""
+    return "null" if value is None else type(value).__name__

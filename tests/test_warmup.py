@@ -85,6 +85,40 @@ def test_most_single_hop_demonstrations_are_grounded(single_hop, bm25, tokenizer
     assert sum(d.grounded for d in demos) >= 36  # measured: 40 of 40 with top 3 on this world
 
 
+def test_the_decision_token_is_the_one_that_writes_answer_after_the_observation(single_hop, bm25, tokenizer):
+    from actors.expert import decision_token_index
+
+    demo = _demo(single_hop[0], bm25, tokenizer)
+    k = decision_token_index(demo.response_ids, demo.loss_mask, tokenizer)
+    last_observation = max(i for i, m in enumerate(demo.loss_mask) if m == 0)
+    assert k > last_observation and demo.loss_mask[k] == 1
+    before = tokenizer.decode(demo.response_ids[last_observation + 1:k])
+    assert before.endswith("</think>\n<") and tokenizer.decode(demo.response_ids[k:]).startswith("answer>")
+    # The first turn's "<search>" opens before any observation: it is never the decision token.
+    assert decision_token_index(demo.response_ids[:last_observation + 1], demo.loss_mask[:last_observation + 1],
+                                tokenizer) is None
+
+
+@pytest.mark.parametrize("share, siblings", [(0.0, 0), (0.25, 4), (0.5, 12)])
+def test_search_again_siblings_train_only_the_choice_to_search(single_hop, bm25, tokenizer, share, siblings):
+    from launch.warmup import demonstration_samples
+
+    demos = [_demo(x, bm25, tokenizer) for x in single_hop[:12]]
+    samples = demonstration_samples(demos, tokenizer, search_again_share=share)
+    assert len(samples) == 12 + siblings  # share / (1 - share) of the demonstrations: 0, 4, 12
+    assert [s.loss_mask for s in samples[:12]] == [d.loss_mask for d in demos]  # the demonstrations as they were
+    for s in samples[12:]:
+        trained = [t for t, m in zip(s.input_ids[s.prompt_len:], s.loss_mask) if m]
+        assert len(trained) == 1 and s.loss_mask[-1] == 1  # one token: the last
+        text = tokenizer.decode(s.input_ids[s.prompt_len:])
+        assert text.endswith("</think>\n<search") and text.count("<information>") == 1  # no query is shown
+        demo = next(d for d in demos if d.prompt_ids + d.response_ids[:len(s.input_ids) - len(d.prompt_ids) - 1]
+                    == s.input_ids[:-1])  # the same episode up to the choice
+        assert demo.response_text.endswith("</answer>")
+    with pytest.raises(ValueError, match="search_again_share=1.0"):
+        demonstration_samples(demos, tokenizer, search_again_share=1.0)
+
+
 def _warmup_config(tmp_path, **warmup):
     from launch.config import Config, WarmupConfig
     from learners.config import LearnerConfig
