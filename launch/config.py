@@ -226,7 +226,8 @@ class WarmupConfig:
             certainty (measured: not one second search in 192 two-hop episodes at temperature 1), and RL never
             samples the second search it should reward. For a share ``s``, ``s / (1 - s)`` of the demonstrations get
             a sibling trained on one token only: the one that opens ``<search>`` where the demonstration opened
-            ``<answer>``. What to search for is never shown; the queries stay RL's to find.
+            ``<answer>``. What to search for is never shown; the queries stay RL's to find. Off by default: at 0.25
+            the greedy warm-up policy lost 4.4 SubEM points and RL still made no second search (docs/results.md).
     """
 
     demonstrations: int = 128
@@ -238,7 +239,7 @@ class WarmupConfig:
     max_params: float = 1.0e9
     cache: bool = True
     seed: int = 0
-    search_again_share: float = 0.25
+    search_again_share: float = 0.0
 
 
 @dataclass
