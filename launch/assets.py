@@ -53,10 +53,24 @@ def model_path(name: str) -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Config values may name a shipped asset (``tiny-llama``) or any HF folder/hub id; return something loadable."""
+    """Config values may name a shipped asset (``tiny-llama``) or any HF folder/hub id; return something loadable.
+
+    A value that can only be a local path (absolute, ``./``, ``~``, or more than one ``/``) must be an HF folder:
+    a missing one is named here, rather than surfacing later as a hub-id error from Hugging Face.
+    """
     if name_or_path in MODEL_NAMES:
         return str(model_path(name_or_path))
-    return name_or_path
+    text = str(name_or_path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model {text!r}: the folder {local} has no config.json; expected a Hugging Face "
+                                    f"model folder (config.json and weights)")
+        return str(local)
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or not text.strip():
+        raise FileNotFoundError(f"no model at {text!r}: expected a Hugging Face model folder, a shipped model "
+                                f"({', '.join(MODEL_NAMES)}) or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    return text
 
 
 def resolve_simulator(cfg):

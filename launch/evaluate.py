@@ -137,6 +137,29 @@ def _benchmarks(cfg: EvalConfig) -> tuple[Path, dict[str, list], Path]:
     return data_dir, found, corpus
 
 
+def check_engine(engine: str, corpus: Path, url: str, timeout_s: float = 10.0) -> None:
+    """Fail before any actor starts when the engine cannot serve: an unknown name, a local engine without a readable
+    corpus, a SerpAPI key not set, or a retriever that does not answer. An engine that fails inside a rollout actor
+    answers "No information available" to every search instead, and the whole evaluation would score that."""
+    import asyncio
+
+    from simulator.config import SEARCH_ENGINES
+    from simulator.corpus import check_corpus
+    from simulator.remote import HttpRetriever, SerpApiSearch
+
+    if engine not in SEARCH_ENGINES:
+        raise ValueError(f"engine={engine!r}; expected one of {list(SEARCH_ENGINES)}")
+    if engine in ("bm25", "dense"):
+        check_corpus(corpus)
+    elif engine == "serpapi":
+        SerpApiSearch()  # raises, naming the variable, when the key is not set
+    elif engine == "http":
+        result = asyncio.run(HttpRetriever(url, timeout_s=timeout_s, retries=0).search("health check"))
+        if result.meta.failed:
+            raise ConnectionError(f"the retriever at {url} did not answer ({result.meta.error}); start one with "
+                                  f"`python -m launch.serve_retriever`, or set url=")
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     import ray
 
@@ -152,6 +175,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError(f"methods={unknown}: expected any of {list(METHODS)}")
     policy = resolve_policy(cfg.model)
     _, benchmarks, corpus = _benchmarks(cfg)
+    check_engine(cfg.engine, corpus, cfg.url)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

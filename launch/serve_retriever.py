@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from launch.listen import listen
 from simulator.engines import BM25Search, CorpusDoc, DenseSearch, LocalIndexSearch, ScoredDoc
 
 LOCAL_ENGINES = {"bm25": BM25Search, "dense": DenseSearch}
@@ -123,12 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    sock = listen(args.host, args.port, "serve_retriever")  # before the index is built: a busy port fails at once
     engine = build_local_engine(args.engine, args.corpus, args.index_dir, args.top_k)
-    # We bind the socket ourselves so that `--port 0` works and the printed address is the real one.
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    sock.listen(2048)  # from here on, connections queue until uvicorn accepts them
     host, port = sock.getsockname()[:2]
     print(f"serve_retriever: listening on http://{host}:{port} ({engine!r})", flush=True)
     config = uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=args.log_level == "debug")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import time
 import uuid
 from typing import Any
@@ -187,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from launch.assets import resolve_simulator
+    from launch.listen import listen
     from simulator.pool import create_simulator_pool
 
     cfg = SimulatorConfig(
@@ -196,17 +196,15 @@ def main(argv: list[str] | None = None) -> None:
         kvcache_gb=args.kvcache_gb, request_timeout_s=args.request_timeout, max_attempts=args.max_attempts,
         cache_size=args.cache_size, seed=args.seed,
     )
+    simulator = resolve_simulator(cfg)  # a model that is not there is named before Ray starts
+    sock = listen(args.host, args.port, "serve_simulator")  # and a busy port before the servers load
     num_cpus = args.num_cpus or max(2, int(args.servers * args.cpus_per_server + 0.999))
     init_kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": args.log_level == "debug"}
     if args.ray_address == "local":
         init_kwargs["num_cpus"] = num_cpus
     _init_ray(ray, args.ray_address, init_kwargs)
     try:
-        pool = create_simulator_pool(resolve_simulator(cfg))  # waits until every server has loaded its model
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
-        sock.listen(2048)  # from here on, connections queue until uvicorn accepts them
+        pool = create_simulator_pool(simulator)  # waits until every server has loaded its model
         host, port = sock.getsockname()[:2]
         print(f"serve_simulator: listening on http://{host}:{port} ({cfg.model}, {cfg.num_servers} server(s))",
               flush=True)

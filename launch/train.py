@@ -56,7 +56,9 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
 
     _check(cfg)
     files = ensure_data(cfg.data)
-    sampler = PromptSampler(load_qa(files["train"]), seed=cfg.seed, shuffle=cfg.data.shuffle)
+    train_examples = load_qa(files["train"])
+    _check_inputs(cfg, files, len(train_examples))
+    sampler = PromptSampler(train_examples, seed=cfg.seed, shuffle=cfg.data.shuffle)
     val_examples = load_qa(files["val"])[: cfg.train.val_samples] if cfg.train.val_every else []
     curriculum = build_curriculum(cfg.curriculum)
     policy_path = resolve_model(cfg.model.name)
@@ -158,6 +160,26 @@ def _check(cfg: Config) -> None:
         raise ValueError("train.dynamic_filter=true needs train.group_size >= 2: a group of one never varies")
     if cfg.train.group_size < 2 and cfg.train.algorithm in ("grpo", "dr_grpo", "rloo"):
         raise ValueError(f"train.group_size={cfg.train.group_size}: {cfg.train.algorithm} needs groups of 2 or more")
+    if cfg.train.group_size < 1 or cfg.train.prompts_per_step < 1:
+        raise ValueError(f"train.group_size={cfg.train.group_size}, train.prompts_per_step="
+                         f"{cfg.train.prompts_per_step}: expected 1 or more each")
+    if cfg.rollout.episode.max_turns < 0:
+        raise ValueError(f"rollout.episode.max_turns={cfg.rollout.episode.max_turns}: expected 0 or more searches")
+
+
+def _check_inputs(cfg: Config, files: dict[str, Path], train_questions: int) -> None:
+    """What can be checked of the data and the models before any actor starts; an actor's error would bury it."""
+    from launch.assets import resolve_model
+    from simulator.corpus import check_corpus
+
+    if cfg.train.prompts_per_step > train_questions:
+        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step}, but {files['train']} has "
+                         f"{train_questions} questions: expected at most that many prompts per step")
+    resolve_model(cfg.model.name)
+    if cfg.search.engine == "simulated":
+        resolve_model(cfg.simulator.model)
+    # The corpus feeds BM25/dense training search, BM25 validation and the warm-up's demonstrations.
+    check_corpus(files["corpus"])
 
 
 class _StopFlag:

@@ -199,6 +199,11 @@ def main(dict_cfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dict_cfg)
     cfg.simulation.dir = str(resolve(cfg.simulation.dir))
     out = Path(cfg.simulation.dir) / "tuned"
+    collected = Path(cfg.simulation.dir) / "data" / "sft_train.jsonl"
+    if not collected.is_file():
+        raise FileNotFoundError(f"{collected}: no collected simulator data; run `python -m launch.collect_sim_data` "
+                                f"with the same simulation.dir first (`make simulator` runs both)")
+    resolve_model(cfg.simulator.model)
     init_ray(cfg)
     try:
         summary = tune(cfg, resolve_model(cfg.simulator.model), out, cfg.logger.run_name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -84,12 +85,34 @@ def init_distributed(
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
     })
+    use_environment_build_dir()
     import deepspeed
 
     clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=backend or default_backend(), timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
+
+
+def use_environment_build_dir() -> Path:
+    """Build DeepSpeed's JIT ops inside this Python environment (``TORCH_EXTENSIONS_DIR``, unless set).
+
+    torch's default build folder is one per user, shared by every environment. Two checkouts with their own
+    environments then rebuild the same op over each other, each time the other one ran, and one may load the library
+    while the other rewrites it. One folder per environment builds each op once, at ``make setup``."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def build_cpu_ops() -> None:
+    """Build the ops the CPU accelerator needs at the first learner start (``make setup`` calls this)."""
+    use_environment_build_dir()
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        ShareMemCommBuilder().load(verbose=False)
 
 
 def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
@@ -160,3 +183,7 @@ def all_reduce_max(value: float) -> float:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+if __name__ == "__main__":
+    build_cpu_ops()

@@ -72,6 +72,24 @@ def load_corpus(path: str | os.PathLike) -> list[CorpusDoc]:
     return docs
 
 
+def check_corpus(path: str | os.PathLike, lines: int = 1000) -> None:
+    """Fail now, naming the file and line, when the corpus is missing, empty, or its first ``lines`` lines are not
+    documents: a run checks its corpus before any engine loads it in an actor, without reading a 20M-line file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    seen = 0
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                _parse_corpus_line(line, path, lineno)
+                seen += 1
+            if seen >= lines:
+                break
+    if not seen:
+        raise CorpusFormatError(f"{path}: the corpus has no documents")
+
+
 def _parse_corpus_line(line: str, path: Path, lineno: int) -> CorpusDoc:
     where = f"{path}:{lineno}"
     try:

@@ -482,3 +482,16 @@ def test_a_build_lock_left_by_a_killed_process_is_cleared_and_a_fresh_one_kept(t
     os.utime(stale, (old, old))
     assert clear_stale_build_locks(max_age_s=120) == [str(stale)]
     assert not stale.exists() and fresh.exists()
+
+
+def test_ops_build_inside_the_python_environment_unless_told_otherwise(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    from learners.distributed import use_environment_build_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert use_environment_build_dir() == Path(sys.prefix) / "torch_extensions"
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a user's choice wins
+    assert use_environment_build_dir() == tmp_path
