@@ -175,8 +175,7 @@ def _check_inputs(cfg: Config, files: dict[str, Path], train_questions: int) -> 
     if cfg.train.prompts_per_step > train_questions:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step}, but {files['train']} has "
                          f"{train_questions} questions: expected at most that many prompts per step")
-    resolve_model(cfg.model.name)
-    if cfg.search.engine == "simulated":
+    if cfg.search.engine == "simulated":  # the policy's own path is resolved by the caller, also before Ray
         resolve_model(cfg.simulator.model)
     # The corpus feeds BM25/dense training search, BM25 validation and the warm-up's demonstrations.
     check_corpus(files["corpus"])

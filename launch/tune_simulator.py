@@ -203,10 +203,10 @@ def main(dict_cfg: DictConfig) -> None:
     if not collected.is_file():
         raise FileNotFoundError(f"{collected}: no collected simulator data; run `python -m launch.collect_sim_data` "
                                 f"with the same simulation.dir first (`make simulator` runs both)")
-    resolve_model(cfg.simulator.model)
+    simulator_path = resolve_model(cfg.simulator.model)  # a missing model is named before Ray starts
     init_ray(cfg)
     try:
-        summary = tune(cfg, resolve_model(cfg.simulator.model), out, cfg.logger.run_name)
+        summary = tune(cfg, simulator_path, out, cfg.logger.run_name)
     finally:
         ray.shutdown()
     heldout = summary["heldout_loss"]
