@@ -13,7 +13,9 @@ as a rollout is: the same prompt tokens, the same ``<information>`` block from a
 Only *grounded* demonstrations are kept for training: those whose retrieved documents contain the gold answer. The
 policy should learn to answer from what it read, not to recite answers it could not have found.
 
-The thoughts are drawn from a few phrasings per turn (by the demonstration's seed); the query is always the question.
+The thoughts are drawn from a few phrasings per turn (by the demonstration's seed). The query is the question, or, for
+a share of the demonstrations (``warmup.name_query_share``), the name the question is about: still a search on the
+question, but one that shows a query can be a name rather than a restated question.
 One fixed thought per turn trains to a loss near 0 within a few steps and leaves a policy whose samples of a question
 are all alike, so RL's groups carry no signal. Varied thoughts keep probability mass on the decision after
 ``<information>`` (to answer, or to think about what is still missing) without demonstrating a second search, which is
@@ -67,6 +69,19 @@ def expert_query(question: str) -> str:
     return " ".join(question.split()).rstrip("?").strip()
 
 
+def entity_query(question: str) -> str | None:
+    """The name the question is about, as a query: its longest run of capitalized words after the first word
+    ("Who founded the company that Tavo Merin works for?" -> "Tavo Merin"). None when it names nothing."""
+    runs, run = [], []
+    for word in expert_query(question).split()[1:] + [""]:
+        if word[:1].isupper():
+            run.append(word.strip(",.;:'\""))
+        elif run:
+            runs.append(" ".join(run))
+            run = []
+    return max(runs, key=len) if runs else None
+
+
 def _topic(question: str) -> str:
     """"Who founded X?" -> "who founded X": a lower-cased restatement for the expert's thought."""
     query = expert_query(question)
@@ -116,13 +131,16 @@ async def write_demonstration(
     cfg: EpisodeConfig,
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
+    by_name: bool = False,
 ) -> Demonstration:
     """One demonstration: the expert searches the question, reads the real result, and answers with the gold answer.
-    ``seed`` picks the phrasing of its two thoughts."""
+    ``seed`` picks the phrasing of its two thoughts. ``by_name``: the query is the name the question is about
+    (``entity_query``) instead of the whole question."""
     k = 0 if seed is None else seed
     search_thought = SEARCH_THOUGHTS[k % len(SEARCH_THOUGHTS)].format(topic=_topic(question))
     answer_thought = ANSWER_THOUGHTS[(k // len(SEARCH_THOUGHTS)) % len(ANSWER_THOUGHTS)]
-    turns = [SEARCH_TURN.format(thought=search_thought, query=expert_query(question)),
+    query = (entity_query(question) if by_name else None) or expert_query(question)
+    turns = [SEARCH_TURN.format(thought=search_thought, query=query),
              ANSWER_TURN.format(thought=answer_thought, answer=golden_answers[0])]
     written = 0
 

@@ -75,8 +75,9 @@ class RolloutCore:
         self.max_model_len = engine_kwargs.get("max_model_len", 4096)
         self.policy_version = 0
         self.weights_checksum: float | None = None  # of the last version loaded (None: the start-up checkpoint)
-        # Fault injection for tests: ignore every weight load, as an engine stuck on old weights would.
-        self.skip_weight_loads = False
+        # Fault injection (``faults.corrupt_weight_load_at``): (version, mode) of one load to spoil. ``skip``: ignore
+        # it, as an engine stuck on old weights would; ``scale``: load it, then scale one tensor.
+        self.weight_fault: tuple[int, str] | None = None
 
     def prompt_ids(self, question: str) -> list[int]:
         return prompt_token_ids(question, self.tokenizer, self.cfg.max_prompt_tokens)
@@ -159,13 +160,23 @@ class RolloutCore:
 
     async def load_weights(self, path: str, version: int, timeout_s: float) -> float:
         started = time.perf_counter()
-        if self.skip_weight_loads:
+        if self._fault(version) == "skip":
             return 0.0
         loaded = await asyncio.wait_for(self.llm.collective_rpc("load_policy_weights", args=(path,)),
                                         timeout=timeout_s)
-        await self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-        self._loaded(version, loaded)
+        await self._after_load(version, loaded)
         return time.perf_counter() - started
+
+    def _fault(self, version: int) -> str | None:
+        if self.weight_fault is not None and self.weight_fault[0] == version:
+            return self.weight_fault[1]
+        return None
+
+    async def _after_load(self, version: int, per_worker: list[dict[str, float]]) -> None:
+        self._loaded(version, per_worker)
+        if self._fault(version) == "scale":
+            await self.llm.collective_rpc("corrupt_policy_weights", args=(2.0,))
+        await self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def _loaded(self, version: int, per_worker: list[dict[str, float]]) -> None:
         """Record what every worker loaded; tensor-parallel workers each load the whole published state."""
@@ -195,8 +206,9 @@ class RolloutCore:
         started = time.perf_counter()
         received = await asyncio.wait_for(
             self.llm.collective_rpc("receive_policy_weights", args=(manifest, bucket_bytes)), timeout=timeout_s)
-        await self.llm.reset_prefix_cache()
-        self._loaded(version, received)
+        if self._fault(version) == "skip":  # received, then dropped: the broadcast group stays in step
+            return time.perf_counter() - started
+        await self._after_load(version, received)
         return time.perf_counter() - started
 
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -241,10 +253,10 @@ class RolloutActor:
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], search_factory: Any, cfg: RolloutConfig,
                  env: dict[str, str] | None = None, validation_search_factory: Any = None,
-                 skip_weight_loads: bool = False) -> None:
+                 weight_fault: tuple[int, str] | None = None) -> None:
         os.environ.update(env or {})
         self.core = RolloutCore(model, engine_kwargs, search_factory(), cfg)
-        self.core.skip_weight_loads = skip_weight_loads
+        self.core.weight_fault = weight_fault
         # A second, real engine for validation next to the simulator (``train.val_every``).
         self.validation_search = validation_search_factory() if validation_search_factory else None
 

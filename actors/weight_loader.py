@@ -39,6 +39,20 @@ class WeightLoaderExtension:
             self._repack_embedding_gemms()
         return loaded
 
+    def corrupt_policy_weights(self, factor: float) -> str:
+        """Fault injection: scale the token embedding in place after a load whose checksum was already taken, as a
+        broken in-place reload would. Only the canary can see it. Returns the module's name."""
+        import torch
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        for name, module in self.model_runner.get_model().named_modules():
+            if isinstance(module, VocabParallelEmbedding):
+                with torch.no_grad():
+                    module.weight.mul_(factor)
+                self._repack_embedding_gemms()
+                return name
+        raise RuntimeError("this model has no token embedding to corrupt")
+
     def _repack_embedding_gemms(self) -> int:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding

@@ -85,7 +85,7 @@ def main() -> None:
 
     register_configs()
     with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config"))
+        cfg = OmegaConf.to_object(compose("config", overrides=["logger.run_dir=unused"]))  # no Hydra run folder here
     files = ensure_data(cfg.data)
     init_ray(cfg)
     try:

@@ -228,6 +228,9 @@ class WarmupConfig:
             a sibling trained on one token only: the one that opens ``<search>`` where the demonstration opened
             ``<answer>``. What to search for is never shown; the queries stay RL's to find. Off by default: at 0.25
             the greedy warm-up policy lost 4.4 SubEM points and RL still made no second search (docs/results.md).
+        name_query_share: share of the demonstrations whose query is the name the question is about ("Tavo Merin")
+            instead of the whole question. Still one search on the question; what it shows is that a query can be a
+            name, so that a second query may name what the first results mentioned.
     """
 
     demonstrations: int = 128
@@ -240,6 +243,7 @@ class WarmupConfig:
     cache: bool = True
     seed: int = 0
     search_again_share: float = 0.0
+    name_query_share: float = 0.0
 
 
 @dataclass
@@ -380,6 +384,36 @@ class ComparisonConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Faults injected on purpose, to see a run survive them (``faults=NAME``, ``conf/faults/``). Off by default and
+    usable in any run. Every kill is a real ``ray.kill`` of the actor's process; each fault is counted (``faults/*``).
+
+    Attributes:
+        kill_simulator_at: steps at which simulator server 0 is killed, just before the step's next search reaches it.
+        kill_simulator_every: also every N steps (0: never).
+        kill_rollout_at: steps at which rollout engine 0 is killed, once its first group of the step has come back.
+        kill_learner_at: steps at which learner rank 0 is killed, just before the step's update. The run stops: a
+            learner's optimizer state cannot be rebuilt mid-run, so the run is resumed (``resume=auto``).
+        garble_share: share of simulator replies replaced by garbage (``simulator/faults.py``).
+        garble_kinds: the garbage, in turn: ``empty``, ``binary``, ``long`` (50,000 characters), ``no_docs``.
+        delay_simulator_s: every simulator reply is held back this long.
+        corrupt_weight_load_at: the weight version (= the step that publishes it) whose load engine 0 spoils; -1: none.
+        corrupt_mode: ``scale``: the load completes and its checksum matches, then the token embedding is doubled, so
+            only the canary can catch it. ``skip``: the engine ignores the load, which the version check catches.
+    """
+
+    kill_simulator_at: list[int] = field(default_factory=list)
+    kill_simulator_every: int = 0
+    kill_rollout_at: list[int] = field(default_factory=list)
+    kill_learner_at: list[int] = field(default_factory=list)
+    garble_share: float = 0.0
+    garble_kinds: list[str] = field(default_factory=lambda: ["empty", "binary", "long", "no_docs"])
+    delay_simulator_s: float = 0.0
+    corrupt_weight_load_at: int = -1
+    corrupt_mode: str = "scale"
+
+
+@dataclass
 class Config:
     """The whole run. Groups are chosen on the command line (``model=tiny_llama``), fields set with ``key=value``.
 
@@ -388,6 +422,7 @@ class Config:
             the paper). Unused by the other algorithms.
         simulation: simulation tuning (``launch.collect_sim_data``, ``tune_simulator``, ``simulator_report``).
         comparison: the comparison of ``launch.experiment`` (unused by training).
+        faults: faults injected on purpose (off by default).
         seed: seeds prompts order, rollouts and the learners.
         resume: ``off``; ``auto`` continues from the newest checkpoint in the run folder when there is one (else
             starts fresh); or the path of a run folder to continue in. Restores the learners' DeepSpeed states, the
@@ -408,6 +443,7 @@ class Config:
     critic: LearnerConfig = field(default_factory=LearnerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     seed: int = 0
     resume: str = "off"
 

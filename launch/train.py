@@ -92,7 +92,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
             t_score = time.perf_counter()
             samples, score_metrics = cluster.score(batch.trajectories)                  # 4
             t_score = time.perf_counter() - t_score
-            train_metrics, t_train = cluster.update(samples)                             # 5
+            train_metrics, t_train = cluster.update(samples, step)                       # 5
             t_idle = rollouts.wait_idle()  # weights change only between rollouts
             sync_metrics = cluster.sync_weights(version=step)                            # 6
             metrics = step_metrics(batch, {**score_metrics, **train_metrics}, sync_metrics, t_score, t_train,

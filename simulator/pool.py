@@ -16,6 +16,9 @@ What happens to a call (``generate``):
    restarted when that fails too; a live but busy server is not killed for being slow.
 4. When every try fails, the call returns the spec's "No information available" with ``failed=True`` and counts a
    failure. It never hangs: the original client retried forever and stalled training (issue #24).
+
+Fault injection (``faults`` in training): ``ReplyFaults`` delays or garbles replies that did arrive
+(``simulator/faults.py``), and ``arm_kill`` kills a server for real just before the next call reaches it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 
 from simulator.base import NO_INFORMATION
 from simulator.config import SimulatorConfig
+from simulator.faults import ReplyFaults, ReplyGarbler
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +105,7 @@ class SimulatorPool:
         handles: list[Any],
         make_server: Callable[[int], Any] | None = None,
         kill_server: Callable[[Any], None] | None = None,
+        faults: ReplyFaults | None = None,
     ) -> None:
         if not handles:
             raise ValueError("SimulatorPool needs at least one server")
@@ -112,7 +117,10 @@ class SimulatorPool:
         self.latencies: deque[float] = deque(maxlen=cfg.latency_window)
         self.counters = {"calls": 0, "ok": 0, "failures": 0, "cache_hits": 0, "tokens": 0, "prompt_tokens": 0,
                          "attempts": 0, "retries": 0, "timeouts": 0, "errors": 0, "restarts": 0,
-                         "restart_failures": 0}
+                         "restart_failures": 0, "garbled": 0, "killed": 0}
+        self.faults = faults or ReplyFaults()
+        self.garble = ReplyGarbler(self.faults)
+        self.kill_armed: int | None = None  # a server to kill at the next call (fault injection)
         self._rr = 0  # rotates ties in the least-outstanding choice, so idle servers share the load
         self._tasks: set[asyncio.Task] = set()  # background tasks must be referenced, or asyncio may collect them
 
@@ -147,6 +155,8 @@ class SimulatorPool:
                 self.latencies.append(time.perf_counter() - start)
                 return {**hit, "cache_hit": True, "attempts": 0, "latency_s": time.perf_counter() - start}
 
+        if self.kill_armed is not None:
+            self._kill_now(self.slots[self.kill_armed])
         tried: set[int] = set()
         errors: list[str] = []
         for attempt in range(self.cfg.max_attempts):
@@ -162,6 +172,7 @@ class SimulatorPool:
             self.counters["attempts"] += 1
             reply, error = await self._try(slot, prompt, sampling)
             if reply is not None:
+                reply = await self._spoil(reply)
                 self.counters["ok"] += 1
                 self.counters["tokens"] += int(reply.get("num_tokens", 0))
                 self.counters["prompt_tokens"] += int(reply.get("prompt_tokens", 0))
@@ -204,6 +215,31 @@ class SimulatorPool:
             return None, f"{type(error).__name__}: {str(error)[:300]}"
         finally:
             slot.outstanding -= 1
+
+    async def _spoil(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """Fault injection: hold the reply back, or replace its text by garbage (both off unless asked for)."""
+        if self.faults.delay_s > 0:
+            await asyncio.sleep(self.faults.delay_s)
+        text, garbled = self.garble(str(reply.get("text", "")))
+        if not garbled:
+            return reply
+        self.counters["garbled"] += 1
+        return {**reply, "text": text, "garbled": True}
+
+    def arm_kill(self, index: int) -> None:
+        """Fault injection: kill server ``index`` (its process, for real) when the next call arrives, so that call and
+        the others in flight find it dead."""
+        if not 0 <= index < len(self.slots):
+            raise ValueError(f"no simulator server {index}: the pool has {len(self.slots)}")
+        self.kill_armed = index
+
+    def _kill_now(self, slot: _Slot) -> None:
+        self.kill_armed = None
+        if self.kill_server is None:
+            raise RuntimeError("this pool was built without kill_server: it cannot inject a server kill")
+        logger.warning("fault injection: killing simulator server %d", slot.index)
+        self.kill_server(slot.handle)
+        self.counters["killed"] += 1
 
     async def _wait_for_any_server(self) -> _Slot | None:
         """Every server is down: wait (bounded) for a restart in progress rather than failing at once."""
@@ -358,7 +394,7 @@ class SimulatorPoolActor:
     server to test the pool's timeouts on the real Ray stack).
     """
 
-    def __init__(self, cfg: SimulatorConfig, server_cls: type | None = None) -> None:
+    def __init__(self, cfg: SimulatorConfig, server_cls: type | None = None, faults: ReplyFaults | None = None) -> None:
         from simulator.server import SimulatorServer
 
         self.cfg = cfg
@@ -368,6 +404,7 @@ class SimulatorPoolActor:
             [self._make(i) for i in range(cfg.num_servers)],
             make_server=self._make,
             kill_server=self._kill,
+            faults=faults,
         )
         self._health_task: asyncio.Task | None = None
 
@@ -400,6 +437,9 @@ class SimulatorPoolActor:
     async def stats(self) -> dict[str, Any]:
         return self.pool.stats()
 
+    async def arm_kill(self, index: int) -> None:
+        self.pool.arm_kill(index)
+
     async def server_actor(self, index: int) -> Any:
         """The current actor handle of one server (tests kill it to check restarts)."""
         return self.pool.slots[index].handle.actor
@@ -417,7 +457,8 @@ class SimulatorPoolActor:
 
 
 def create_simulator_pool(
-    cfg: SimulatorConfig, server_cls: type | None = None, wait: bool = True, name: str | None = None
+    cfg: SimulatorConfig, server_cls: type | None = None, wait: bool = True, name: str | None = None,
+    faults: ReplyFaults | None = None,
 ) -> Any:
     """Start the pool actor and its servers; with ``wait``, block until every server has loaded its model.
 
@@ -426,7 +467,7 @@ def create_simulator_pool(
     import ray
 
     options = {"num_cpus": 0, "max_concurrency": 10_000, "name": name}
-    actor = ray.remote(SimulatorPoolActor).options(**options).remote(cfg, server_cls)
+    actor = ray.remote(SimulatorPoolActor).options(**options).remote(cfg, server_cls, faults)
     if wait:
         ray.get(actor.ready.remote(), timeout=cfg.startup_timeout_s + 60)
     return actor

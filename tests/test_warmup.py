@@ -80,6 +80,27 @@ def test_demonstrations_vary_their_thoughts_but_always_search_the_question(singl
         assert text.count("<search>") == 1 and text.endswith(f"<answer> {example.golden_answers[0]} </answer>")
 
 
+def test_the_name_query_is_the_longest_capitalized_name_after_the_question_word():
+    from actors.expert import entity_query
+
+    assert entity_query("Who founded the company that Tavo Merin works for?") == "Tavo Merin"
+    assert entity_query("Which river flows through the city where Soslas Feilstirbou was born?") == "Soslas Feilstirbou"
+    assert entity_query("Who was the founder of Brilgis Collective Works?") == "Brilgis Collective Works"
+    assert entity_query("In which year was it founded?") is None
+
+
+def test_a_search_by_name_is_still_one_search_about_the_question_and_is_grounded(single_hop, bm25, tokenizer):
+    from actors.expert import entity_query
+
+    cfg = EpisodeConfig(max_obs_tokens=400)
+    demos = [asyncio.run(write_demonstration(x.question, x.golden_answers, bm25, tokenizer, cfg, seed=1,
+                                             by_name=True)) for x in single_hop[:20]]
+    for x, d in zip(single_hop, demos):
+        assert parse_action(cut_at_action(d.response_text)).content == entity_query(x.question)
+        assert d.response_text.count("<search>") == 1
+    assert sum(d.grounded for d in demos) >= 16  # BM25 on the name alone finds the fact as well
+
+
 def test_most_single_hop_demonstrations_are_grounded(single_hop, bm25, tokenizer):
     demos = [_demo(x, bm25, tokenizer) for x in single_hop[:40]]
     assert sum(d.grounded for d in demos) >= 36  # measured: 40 of 40 with top 3 on this world

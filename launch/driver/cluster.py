@@ -16,6 +16,7 @@ from typing import Any
 
 from launch.assets import resolve_simulator
 from launch.config import Config
+from launch.driver.faults import FaultPlan, LearnerDiedError
 from launch.driver.weight_sync import WeightSync
 
 
@@ -41,11 +42,13 @@ class Cluster:
         sim_cfg = dataclasses.replace(resolve_simulator(cfg.simulator), num_servers=c.simulator_servers,
                                       gpus_per_server=c.simulator_gpus,
                                       tensor_parallel_size=c.simulator_tensor_parallel)
+        self.faults = FaultPlan(cfg.faults)
+        self.faults_done: set[tuple[str, int]] = set()  # (fault, step): each happens once, whatever the rounds
         self.pool = None
         if cfg.search.engine == "simulated":
             from simulator.pool import create_simulator_pool
 
-            self.pool = create_simulator_pool(sim_cfg)
+            self.pool = create_simulator_pool(sim_cfg, faults=self.faults.reply_faults(cfg.seed))
         # A picklable recipe: each rollout actor builds its own engine in its own process.
         search_factory = functools.partial(build_search_engine, cfg.search, sim_cfg, self.pool, corpus_path)
         engine_kwargs, env = policy_engine_options(cfg)
@@ -53,11 +56,10 @@ class Cluster:
         if cfg.train.val_every and cfg.train.val_engine != cfg.search.engine:
             real = dataclasses.replace(cfg.search, engine=cfg.train.val_engine)
             validation_factory = functools.partial(build_search_engine, real, sim_cfg, None, corpus_path)
-        # Fault injection for tests: this engine ignores every weight load (the sync check must name it).
-        stuck = int(os.environ.get("ZEROSEARCH_FAULT_SKIP_WEIGHT_LOADS", "-1"))
         self.rollouts = RolloutGroup(policy_path, engine_kwargs, search_factory, cfg.rollout, env,
                                      num_engines=c.rollout_engines, num_gpus=c.rollout_gpus,
-                                     validation_factory=validation_factory, skip_weight_loads_of=stuck)
+                                     validation_factory=validation_factory, weight_fault=self.faults.weight_fault(),
+                                     start_timeout_s=timeout)
         self.engines = self.rollouts.actors
         learner_cfg = cfg.learner  # its total_steps is ${train.total_steps} unless set on purpose
         # A KL penalty in the reward replaces the KL loss term; the coefficient is the same key either way.
@@ -81,6 +83,7 @@ class Cluster:
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
         self.weights = WeightSync(cfg, self.learners, self.engines, canary_ids, run_dir)
+        self.rollouts.restore_weights = self.weights.restore  # a restarted engine gets the weights the others serve
 
     def sync_weights(self, version: int) -> dict[str, float]:
         return self.weights.sync(version)
@@ -112,20 +115,46 @@ class Cluster:
         ``first_index`` numbers the prompts of a refill round after those of the step's earlier rounds, so that every
         episode of a step has its own seed."""
 
+        import ray
+
         from launch.driver.sampler import episode_requests
 
         deadline = time.perf_counter() + self.cfg.train.rollout_timeout_s
         requests = episode_requests(prompts, self.cfg.seed, step, first_index)
         group_size = 1 if temperature == 0.0 else self.cfg.train.group_size  # greedy: one answer per question
+        if self._inject("simulator", step, self.pool is not None and self.faults.kill_simulator(step)):
+            ray.get(self.pool.arm_kill.remote(0), timeout=30)
+        kill_engine = 0 if self._inject("rollout", step, self.faults.kill_rollout(step)) else None
         trajectories = []
         try:
             for group in self.rollouts.stream(requests, group_size, noise_prob, deadline, temperature,
                                               validation_engine, abandoned=lambda: self.closing,
-                                              what=f"rollout of step {step}"):
+                                              what=f"rollout of step {step}", kill_engine=kill_engine):
                 trajectories.extend(group)
         except TimeoutError as e:
             raise TimeoutError(f"{e} (train.rollout_timeout_s={self.cfg.train.rollout_timeout_s})") from e
         return trajectories
+
+    def _inject(self, fault: str, step: int, due: bool) -> bool:
+        """Whether ``fault`` happens now: due at ``step`` (a training step) and not yet injected in it."""
+        if not due or step < 1 or (fault, step) in self.faults_done:
+            return False
+        self.faults_done.add((fault, step))
+        self.faults.injected[f"{fault}_kills"] += 1
+        return True
+
+    def fault_metrics(self, batch) -> dict[str, float]:
+        """``faults/*`` (only when a fault is configured): what was injected, the restarts and reruns, and how many
+        of the step's episodes are missing."""
+        import collections
+
+        if self.cfg.faults == type(self.cfg.faults)():
+            return {}
+        sizes = collections.Counter(t.group_id for t in batch.trajectories)
+        # With dynamic filtering the batch keeps only informative groups: count against those it kept.
+        requested = batch.groups_kept if self.cfg.train.dynamic_filter else len(batch.prompt_uids)
+        return self.faults.metrics(self.rollouts.counters, self.pool_stats(), list(sizes.values()),
+                                   self.cfg.train.group_size, requested)
 
     def score(self, trajectories) -> tuple[list, dict[str, float]]:
         """Learner samples with everything the update needs: reference logprobs, critic values, advantages."""
@@ -154,12 +183,28 @@ class Cluster:
         metrics.update(assign_advantages(samples, trajectories, t.algorithm, self.kl_in_reward, t.gamma, t.lam))
         return samples, metrics
 
-    def update(self, samples) -> tuple[dict[str, float], float]:
+    def update(self, samples, step: int) -> tuple[dict[str, float], float]:
+        import ray
+
         started = time.perf_counter()
-        metrics = self.learners.train_step(samples)
-        if self.critic is not None:
-            metrics.update(self.critic.train_step(samples))
+        if self._inject("learner", step, self.faults.kill_learner(step)):
+            ray.kill(self.learners.actors[0], no_restart=True)
+        try:
+            metrics = self.learners.train_step(samples)
+            if self.critic is not None:
+                metrics.update(self.critic.train_step(samples))
+        except ray.exceptions.RayActorError as error:
+            raise LearnerDiedError(self._learner_death(step, error)) from error
         return metrics, time.perf_counter() - started
+
+    def _learner_death(self, step: int, error: BaseException) -> str:
+        from launch.driver.checkpoint import find_checkpoint
+
+        last = find_checkpoint(self.run_dir, "auto")
+        where = (f"the last checkpoint is {last}: rerun with resume=auto (or resume={self.run_dir}) to continue from "
+                 f"it" if last is not None else "no checkpoint was written yet (train.save_every): the run starts over")
+        return (f"a learner actor died during the update of step {step} ({type(error).__name__}). Its optimizer state "
+                f"is lost, so the run stops; {where}.")
 
     def raw_throughput(self, trajectories, rollout_tokens_per_s: float) -> dict[str, float]:
         """Plain vLLM ``generate`` at the last step's volume (its prompts, its mean tokens per episode), on the same

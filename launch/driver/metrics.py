@@ -48,6 +48,7 @@ def step_metrics(batch, train_metrics, sync_metrics, t_score, t_train, t_step, t
     for key, value in cluster.pool_stats().items():
         if isinstance(value, (int, float)):
             metrics[f"simulator/{key}"] = float(value)
+    metrics.update(cluster.fault_metrics(batch))
     return metrics
 
 

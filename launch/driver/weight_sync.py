@@ -33,6 +33,7 @@ class WeightSync:
         self.canary_ids = canary_ids
         self.weights_dir = weights_dir(run_dir)
         self.manifest = self._open_group() if cfg.cluster.weight_sync != "file" else None
+        self.published: tuple[str, int] | None = None  # (path, version) of the file the engines last loaded
 
     def _open_group(self) -> dict:
         """Learner rank 0 and every engine worker join one broadcast group; the engines check what they will get."""
@@ -66,6 +67,7 @@ class WeightSync:
             path = self.learners.publish_weights(str(self.weights_dir), version)
             ray.get([e.load_weights.remote(path, version, timeout) for e in self.engines], timeout=timeout)
             remove_older_weights(self.weights_dir, keep=path)
+            self.published = (path, version)
             published = self.learners.published_checksum()
         else:  # learners send while engines receive; neither side finishes alone
             bucket_bytes = self.cfg.cluster.weight_sync_bucket_mb * 2**20
@@ -78,12 +80,30 @@ class WeightSync:
         canary = LearnerSample(input_ids=self.canary_ids, prompt_len=1, loss_mask=[1] * (len(self.canary_ids) - 1))
         [learner_lp] = self.learners.logprobs([canary])
         engine_lps = ray.get([e.prompt_logprobs.remote(self.canary_ids) for e in self.engines], timeout=timeout)
-        gap = max(mean_abs_gap(lp, learner_lp) for lp in engine_lps)
+        gaps = [mean_abs_gap(lp, learner_lp) for lp in engine_lps]
+        gap = max(gaps)
         if gap > self.cfg.train.canary_tolerance:
-            raise CanaryError(f"after syncing version {version}, engine and learner logprobs differ by {gap:.4f} "
-                              f"nats/token (train.canary_tolerance={self.cfg.train.canary_tolerance})")
+            worst = gaps.index(gap)
+            raise CanaryError(f"after syncing version {version} (the previous was {version - 1}), rollout engine "
+                              f"{worst} of {len(self.engines)} and the learner differ by {gap:.4f} nats/token on the "
+                              f"canary text (train.canary_tolerance={self.cfg.train.canary_tolerance}): the engine "
+                              f"does not serve the weights that were trained. The run stops before the next update")
         return {"timing_s/sync": elapsed, "sync/canary_gap": gap, "sync/canary_moved": mean_abs_gap(before,
                                                                                                      engine_lps[0])}
+
+    def restore(self, engine) -> None:
+        """Give a restarted engine the weights the others serve (it starts from the initial policy)."""
+        import ray
+
+        if self.manifest is not None:
+            raise RuntimeError(f"a restarted rollout engine cannot rejoin the weight broadcast group (cluster."
+                               f"weight_sync={self.cfg.cluster.weight_sync}); the run stops. Use cluster.weight_sync="
+                               f"file for runs that must survive an engine's death, or resume=auto from the last "
+                               f"checkpoint")
+        if self.published is not None:
+            path, version = self.published
+            timeout = self.cfg.train.sync_timeout_s
+            ray.get(engine.load_weights.remote(path, version, timeout), timeout=timeout)
 
     def check_loaded(self, version: int, published: float) -> None:
         """Every engine reports serving ``version``, and the checksum of what it loaded equals the learner's.

@@ -1,0 +1,88 @@
+"""Faults injected into real runs (``faults=…``; every kill a real ``ray.kill``), on the real stack with tiny-llama.
+
+- R1, R3, R8 and R7 in one run: a simulator server killed in step 1, the rollout engine killed in step 2 while a group
+  is in flight, a quarter of the simulator's replies garbled, and the learner killed in step 3. Steps 1 and 2 complete
+  whole; the learner's death stops the run with a message naming the checkpoint, and ``resume=auto`` finishes it.
+- R5: a weight load spoiled after its checksum was taken (only the canary can see it), or skipped (the version check
+  sees it). The run stops before the next update, naming the engine and the versions, and the last checkpoint is
+  intact.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.test_loop_e2e import LEAN
+from tests.test_train_e2e import TINY_RUN, _train
+
+QUIET = ["train.export_hf=false", "logger.wandb.mode=disabled", "train.throughput_probe=false"]
+
+
+def _train_failing(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.train", *overrides, f"data.dir={tmp_path / 'world'}",
+           f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode != 0, result.stdout[-3000:]
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    return result, rows
+
+
+@pytest.mark.slow
+def test_a_run_survives_killed_servers_and_engines_and_garbage_and_resumes_after_its_learner_dies(tmp_path):
+    faults = ["faults=smoke", "faults.kill_learner_at=[3]", "train.total_steps=3", "train.save_every=2", *QUIET]
+    result, rows = _train_failing(tmp_path, *TINY_RUN, *faults)
+
+    # R7: the learner's death stops the run at once, and says where to continue from.
+    assert "LearnerDiedError" in result.stderr and "during the update of step 3" in result.stderr, result.stderr[-3000:]
+    assert "checkpoints/step_2" in result.stderr and "resume=auto" in result.stderr
+    assert [r["step"] for r in rows] == [1, 2]
+    one, two = rows
+    # R1: the simulator server killed mid-step 1 was restarted, and no episode was lost to it.
+    assert one["faults/simulator_kills"] == 1.0 and one["simulator/killed"] == 1.0
+    assert two["faults/simulator_restarts"] >= 1.0
+    # R3: the rollout engine killed in step 2 after its first group came back; the other group ran again on its
+    # restarted successor, which was given version 1's weights (the canary after step 2's sync agrees).
+    assert two["faults/rollout_kills"] == 1.0 and two["faults/rollout_restarts"] == 1.0
+    assert two["faults/rerun_groups"] == 1.0
+    assert two["sync/canary_gap"] < 0.01 and two["async/policy_version_min"] == 1.0
+    for row in rows:  # every group whole, nothing counted twice
+        assert row["faults/lost_episodes"] == 0.0 and row["faults/duplicate_episodes"] == 0.0
+        assert row["data/groups_rolled"] == 2.0
+    # R8: garbled replies reached the episodes, which read them or "No information available", and trained.
+    assert two["faults/garbled_replies"] >= 1.0
+    assert not (tmp_path / "run" / "checkpoints" / "step_3").exists()
+
+    resumed, rows_after = _train(tmp_path, *TINY_RUN, *faults, "faults.kill_learner_at=[]", "resume=auto")
+    assert "resumed from" in resumed.stdout and "step_2" in resumed.stdout
+    assert [r["step"] for r in rows_after] == [1, 2, 3]
+    assert rows_after[:2] == rows  # the rows before the checkpoint are untouched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["scale", "skip"])
+def test_a_spoiled_weight_load_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, mode):
+    """``scale``: the load of version 2 completes with the right checksum, then engine 0 doubles its token embedding;
+    only the canary can see that. ``skip``: engine 0 ignores the load; at the tiny learner's rate the canary might
+    pass, but the engine's own report of the version and checksum it serves does not."""
+    result, rows = _train_failing(tmp_path, *LEAN, "train.total_steps=2", "train.save_every=1",
+                                  "faults.corrupt_weight_load_at=2", f"faults.corrupt_mode={mode}")
+    if mode == "scale":
+        assert "CanaryError" in result.stderr, result.stderr[-3000:]
+        assert "after syncing version 2 (the previous was 1), rollout engine 0 of 1" in result.stderr
+        assert "nats/token" in result.stderr
+    else:
+        assert "WeightSyncError" in result.stderr, result.stderr[-3000:]
+        assert "rollout engine 0 of 1 serves policy version 1" in result.stderr
+        assert "published version 2 with checksum" in result.stderr
+    assert [r["step"] for r in rows] == [1]  # step 2 was not logged as done
+    checkpoints = tmp_path / "run" / "checkpoints"
+    state = json.loads((checkpoints / "step_1" / "driver_state.json").read_text())
+    assert state["step"] == 1 and (checkpoints / "step_1" / "deepspeed").is_dir()
+    assert not (checkpoints / "step_2").exists()
