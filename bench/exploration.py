@@ -1,6 +1,7 @@
 """Does a policy explore the second search that two-hop questions need? Sampled as RL samples it, in one run.
 
     python bench/exploration.py [--model PATH] [--temperature 1.0] [--group-size 8] [--two-hop 24] [--single-hop 8]
+                                [key=value ...]
 
 GRPO can only reward a second search that some episode of a group made. For training questions of the synthetic
 world (the default world, seed 0, as `make train` writes it), each is rolled out ``group-size`` times by the real
@@ -10,7 +11,8 @@ share (groups whose rewards are not all equal), and on two-hop questions the sha
 retrieved the gold answer: the bridge found, which is what RL has to make common. ``ratio`` is the two-hop
 second-search share; ``goal`` is 0.1, below which a 10-step run of 4 × 8 episodes rarely sees one that pays.
 
-``--model`` is an HF folder (default: the default warm-up policy, built first when it is not in the cache).
+``--model`` is an HF folder (default: the warm-up policy of the training config, built first when it is not in the
+cache). ``key=value`` overrides that config as on the training command line (``warmup.name_query_share=0.5``).
 Prints one JSON object.
 """
 
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--two-hop", type=int, default=24)
     parser.add_argument("--single-hop", type=int, default=8)
     parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     args = parser.parse_args()
 
     import ray
@@ -85,7 +88,8 @@ def main() -> None:
 
     register_configs()
     with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=["logger.run_dir=unused"]))  # no Hydra run folder here
+        # No Hydra run folder here: the run_dir interpolation needs one.
+        cfg = OmegaConf.to_object(compose("config", overrides=[*args.overrides, "logger.run_dir=unused"]))
     files = ensure_data(cfg.data)
     init_ray(cfg)
     try:

@@ -1,9 +1,9 @@
 """Simulator replies spoiled on purpose (fault injection), to see that a rollout survives what a broken server sends.
 
 The pool (``simulator/pool.py``) applies ``ReplyFaults`` to replies that did arrive: it holds each back by
-``delay_s`` and replaces a ``garble_share`` of them, evenly spaced, by one of four kinds of garbage in turn. Everything downstream
-must cope: an empty reply reads "No information available", the others are parsed and truncated like any reply
-(``simulator/templates.parse_simulator_output``, ``actors/protocol.observation_token_ids``).
+``delay_s`` and replaces a ``garble_share`` of them, evenly spaced, by one of four kinds of garbage in turn.
+Everything downstream must cope: an empty reply reads "No information available", the others are parsed and truncated
+like any reply (``simulator/templates.parse_simulator_output``, ``actors/protocol.observation_token_ids``).
 """
 
 from __future__ import annotations

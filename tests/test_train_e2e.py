@@ -9,10 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -124,43 +122,15 @@ def test_training_steps_end_to_end(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*"))
     from transformers import AutoModelForCausalLM
 
+    # The export loads in transformers. That vLLM serves what ``export_hf`` writes is checked on the tuned simulator
+    # (tests/test_simulation_pipeline.py), the same learner code.
     assert AutoModelForCausalLM.from_pretrained(checkpoint / "hf").config.num_hidden_layers == 2
-    serve = ("from vllm import LLM, SamplingParams; import sys; llm = LLM(model=sys.argv[1], enforce_eager=True, "
-             "gpu_memory_utilization=0.3, max_model_len=512, dtype='bfloat16'); "
-             "out = llm.generate(['Who wrote Hamlet?'], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)); "
-             "print('GENERATED', len(out[0].outputs[0].token_ids))")
-    loaded = subprocess.run([sys.executable, "-c", serve, str(checkpoint / "hf")], capture_output=True, text=True,
-                            timeout=600)
-    assert "GENERATED 4" in loaded.stdout, loaded.stdout[-2000:] + loaded.stderr[-3000:]  # vLLM serves the export
 
     # RL started from the warmed-up policy, which the run folder holds (warmup.cache=false).
     warmup = json.loads((run_dir / "warmup.json").read_text())
     assert warmup["demonstrations"] == 8 and warmup["sft_loss_last"] < warmup["sft_loss_first"]
     assert (run_dir / "warmed_policy" / "config.json").is_file()
     assert f"policy_start: {run_dir / 'warmed_policy'}" in result.stdout
-
-
-@pytest.mark.slow
-def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.train", *TINY_RUN, "train.total_steps=50", "train.export_hf=false",
-           f"data.dir={tmp_path / 'world'}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 900
-    while not (metrics.is_file() and metrics.read_text().strip()):  # wait for the first step
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the run ended or stalled before its first step: " + proc.communicate()[1][-3000:])
-        time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    steps = len(metrics.read_text().splitlines())
-    assert 1 <= steps < 50 and f"interrupted after step {steps}" in out
-    state = json.loads((run_dir / "checkpoints" / f"step_{steps}" / "driver_state.json").read_text())
-    assert state["step"] == steps and state["sampler"]["position"] == 2 * steps
-    assert (run_dir / "checkpoints" / f"step_{steps}" / "deepspeed").is_dir()
 
 
 @pytest.mark.slow
