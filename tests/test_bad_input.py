@@ -51,6 +51,12 @@ CASES: dict[str, tuple[list[str], list[str], str | None]] = {
     "train-prompts-per-step-above-train-set": (TRAIN + WORLD + ["train.prompts_per_step=100000"],
                                                ["train.prompts_per_step=100000", "train.parquet"], None),
     "train-resume-missing-folder": (TRAIN + WORLD + ["resume={tmp}/no-such-run"], ["no-such-run", "resume"], None),
+    "train-resume-half-written-checkpoint": (TRAIN + WORLD + ["resume={bad}/run"],
+                                             ["no complete checkpoint", "driver_state.json", "run/checkpoints"],
+                                             "half_written_checkpoint"),
+    "train-resume-damaged-driver-state": (TRAIN + WORLD + ["resume={bad}/run"],
+                                          ["step_4/driver_state.json", "not a readable driver state", "step_4"],
+                                          "damaged_driver_state"),
     "train-weight-sync-unknown": (TRAIN + WORLD + ["cluster.weight_sync=ftp"], ["cluster.weight_sync", "ftp"], None),
     # Models
     "train-model-path-missing": (TRAIN + WORLD + ["model.name=/no/such/model"], ["no model at", "/no/such/model"],
@@ -104,6 +110,14 @@ CASES: dict[str, tuple[list[str], list[str], str | None]] = {
 def _write_bad(kind: str, world: Path, bad: Path) -> None:
     """``bad`` is a copy of the world with one file broken."""
     shutil.copytree(world, bad)
+    if kind in ("half_written_checkpoint", "damaged_driver_state"):  # a run folder to resume, under {bad}/run
+        checkpoints = bad / "run" / "checkpoints"
+        (checkpoints / "step_4" / "deepspeed").mkdir(parents=True)  # killed while writing: no driver_state.json
+        if kind == "damaged_driver_state":
+            (checkpoints / "step_2" / "deepspeed").mkdir(parents=True)
+            (checkpoints / "step_2" / "driver_state.json").write_text('{"step": 2}')
+            (checkpoints / "step_4" / "driver_state.json").write_text('{"step": 4, "curric')
+        return
     corpus, train = bad / "corpus.jsonl", bad / "train.parquet"
     lines = corpus.read_text().splitlines()
     if kind == "corrupt_corpus_line":
@@ -157,7 +171,7 @@ def test_bad_input_exits_quickly_naming_what_is_wrong(case, world, tmp_path):
               "busy_port": busy.getsockname()[1]}
     command = [part.format(**values) for part in command]
     expected = [text.format(**values) for text in expected]
-    before = _digest(world)
+    before = _digest(world), _digest(bad) if bad.is_dir() else {}
     if command[2] in HYDRA_ENTRY_POINTS:
         command.append(f"hydra.run.dir={tmp_path / 'hydra'}")
     env = {k: v for k, v in os.environ.items() if k != "SERPAPI_API_KEY"}
@@ -173,4 +187,4 @@ def test_bad_input_exits_quickly_naming_what_is_wrong(case, world, tmp_path):
     missing = [text for text in expected if text not in output]
     assert not missing, f"{case}: the message lacks {missing}:\n{output[-3000:]}"
     assert "ray::" not in output and "ActorDiedError" not in output  # stopped before any actor started
-    assert _digest(world) == before  # nothing written earlier changed
+    assert (_digest(world), _digest(bad) if bad.is_dir() else {}) == before  # nothing written earlier changed

@@ -123,3 +123,18 @@ def test_an_armed_kill_kills_that_server_once_and_the_pool_restarts_it():
     assert stats["restarts"] == 1 and [s.name for s in made] == ["new0"]
     with pytest.raises(ValueError, match="no simulator server 2"):
         SimulatorPool(_cfg(num_servers=2), [FakeServer("a"), FakeServer("b")]).arm_kill(2)
+
+
+def test_a_checkpoint_half_written_when_the_run_died_is_skipped_for_the_one_before_it(tmp_path):
+    from launch.driver.checkpoint import DRIVER_STATE, atomic_write_json, find_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step_{step}" / "deepspeed").mkdir(parents=True)
+    atomic_write_json(root / "step_2" / DRIVER_STATE, {"step": 2})  # step 4 died before its driver state
+    (root / "step_10").mkdir()  # newer still, and empty
+    assert find_checkpoint(tmp_path, "auto") == root / "step_2"
+    assert find_checkpoint(tmp_path, "off") is None
+    assert find_checkpoint(tmp_path / "fresh", "auto") is None  # auto on a folder without checkpoints: start fresh
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_checkpoint(tmp_path / "fresh", str(tmp_path / "fresh"))

@@ -36,7 +36,13 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     steps = sorted((int(p.name.split("_", 1)[1]), p) for p in root.glob("step_*")
                    if p.name.split("_", 1)[1].isdigit() and (p / DRIVER_STATE).is_file())
     if steps:
-        return steps[-1][1]
+        newest = steps[-1][1]
+        try:
+            json.loads((newest / DRIVER_STATE).read_text())
+        except (OSError, ValueError) as e:  # written atomically, so this is damage from outside, not a crash
+            raise ValueError(f"{newest / DRIVER_STATE} is not a readable driver state ({e}). The newest checkpoint is "
+                             f"damaged; move {newest} aside to resume from the one before it") from e
+        return newest
     if resume == "auto":
         return None
     raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint (a step_<k> folder with {DRIVER_STATE}) "
