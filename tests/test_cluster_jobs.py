@@ -140,7 +140,8 @@ def _rows(run_dir: Path) -> list[dict]:
 def test_ray_job_submit_runs_the_driver_on_a_running_cluster(ray_cluster, tmp_path):
     run_dir, job_id = tmp_path / "run", f"zerosearch-test-{uuid.uuid4().hex[:8]}"
     # Paths on storage the cluster sees: the job itself runs in an uploaded copy of the working dir.
-    entrypoint = ["python", "-m", "launch.train", *TINY_RUN, "cluster.address=auto",
+    # Real BM25, not a simulator server: the test is about submission, and one fewer vLLM engine saves half a minute.
+    entrypoint = ["python", "-m", "launch.train", *TINY_RUN, "search=bm25", "cluster.address=auto",
                   f"data.dir={tmp_path / 'world'}", f"hydra.run.dir={run_dir}"]
     submitted = ray_cluster.ray("job", "submit", f"--address={ray_cluster.dashboard_url}",
                                 f"--submission-id={job_id}", "--working-dir", ".", "--", *entrypoint)
@@ -152,7 +153,7 @@ def test_ray_job_submit_runs_the_driver_on_a_running_cluster(ray_cluster, tmp_pa
 
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1]
-    assert rows[0]["search/calls_per_episode"] >= 1.0 and rows[0]["simulator/failures"] == 0.0
+    assert rows[0]["search/calls_per_episode"] >= 1.0 and rows[0]["critic/score/mean"] >= 0.0
     assert (run_dir / "summary.json").is_file()
     # The driver joined the submitted-to cluster rather than starting a Ray of its own.
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())

@@ -2,7 +2,7 @@
 
 - R1, R3, R8 and R7 in one run: a simulator server killed in step 1, the rollout engine killed in step 2 while a group
   is in flight, a quarter of the simulator's replies garbled, and the learner killed in step 3. Steps 1 and 2 complete
-  whole; the learner's death stops the run with a message naming the checkpoint, and ``resume=auto`` finishes it.
+  whole; the learner's death stops the run with a message naming the checkpoint to resume from, which is intact.
 - R5: a weight load spoiled after its checksum was taken (only the canary can see it), or skipped (the version check
   sees it). The run stops before the next update, naming the engine and the versions, and the last checkpoint is
   intact.
@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.test_loop_e2e import LEAN
-from tests.test_train_e2e import TINY_RUN, _train
+from tests.test_train_e2e import TINY_RUN
 
 QUIET = ["train.export_hf=false", "logger.wandb.mode=disabled", "train.throughput_probe=false"]
 
@@ -35,7 +35,7 @@ def _train_failing(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProce
 
 
 @pytest.mark.slow
-def test_a_run_survives_killed_servers_and_engines_and_garbage_and_resumes_after_its_learner_dies(tmp_path):
+def test_a_run_survives_killed_servers_and_engines_and_garbage_and_stops_cleanly_when_its_learner_dies(tmp_path):
     faults = ["faults=smoke", "faults.kill_learner_at=[3]", "train.total_steps=3", "train.save_every=2", *QUIET]
     result, rows = _train_failing(tmp_path, *TINY_RUN, *faults)
 
@@ -57,12 +57,11 @@ def test_a_run_survives_killed_servers_and_engines_and_garbage_and_resumes_after
         assert row["data/groups_rolled"] == 2.0
     # R8: garbled replies reached the episodes, which read them or "No information available", and trained.
     assert two["faults/garbled_replies"] >= 1.0
-    assert not (tmp_path / "run" / "checkpoints" / "step_3").exists()
-
-    resumed, rows_after = _train(tmp_path, *TINY_RUN, *faults, "faults.kill_learner_at=[]", "resume=auto")
-    assert "resumed from" in resumed.stdout and "step_2" in resumed.stdout
-    assert [r["step"] for r in rows_after] == [1, 2, 3]
-    assert rows_after[:2] == rows  # the rows before the checkpoint are untouched
+    # What resume=auto continues from is intact: the step-2 checkpoint, complete. (That a resume from such a folder
+    # continues exactly is tests/test_loop_e2e.py's killed-driver test; a second run here would cost a minute.)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert json.loads((checkpoints / "step_2" / "driver_state.json").read_text())["step"] == 2
+    assert not (checkpoints / "step_3").exists()
 
 
 @pytest.mark.slow
