@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -84,20 +85,34 @@ def test_information_tokens_are_masked_on_real_trajectories(ray_local, tiny_llam
         assert tokenizer.decode(t.response_ids[:first_masked]).startswith("<search>")
 
 
-def _train(tmp_path, *overrides: str, timeout: int = 1200) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def _train(tmp_path, *overrides: str, timeout: int = 1200,
+           env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """``python -m launch.train`` in a fresh process with a world and run folder under ``tmp_path``; its rows."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch.train", *overrides, f"data.dir={tmp_path / 'world'}",
            f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# Secrets planted in the run's environment: none may reach a file the run writes or its output (tests/test_security.py
+# holds the static half of the check).
+PLANTED_SECRETS = {"SERPAPI_API_KEY": "planted-serpapi-4f1c9e", "WANDB_API_KEY": "planted-wandb-" + "7" * 26,
+                   "ZEROSEARCH_TEST_TOKEN": "planted-token-b2d8a0", "HF_TOKEN": "hf_plantedtoken93kd"}
 
 
 @pytest.mark.slow
 def test_training_steps_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    result, rows = _train(tmp_path, *TINY_RUN, *TINY_WARMUP, "train.val_every=2", "train.val_samples=4")
+    result, rows = _train(tmp_path, *TINY_RUN, *TINY_WARMUP, "train.val_every=2", "train.val_samples=4",
+                          env=PLANTED_SECRETS)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    for name, secret in PLANTED_SECRETS.items():
+        assert secret not in result.stdout + result.stderr, name
+        leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
+        assert not leaks, f"{name} was written to {leaks}"
     assert [r["step"] for r in rows] == [1, 2]
     # Validation at step 2 only, against the simulator and against real BM25, side by side.
     assert not any(k.startswith("val/") for k in rows[0])
