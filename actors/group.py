@@ -76,11 +76,15 @@ class RolloutGroup:
                kill_engine: int | None = None) -> Iterator[list[Trajectory]]:
         """Every request rolled out ``group_size`` times; yields each finished group as it arrives. ``deadline`` is a
         ``time.perf_counter()`` time; past it, ``TimeoutError``. ``abandoned()`` is asked at every wake-up, and a
-        true answer ends the wait with ``RuntimeError``. ``kill_engine`` is fault injection: that engine's process is
-        killed once its first group has come back, while its other groups are still running."""
+        true answer ends the wait with ``RuntimeError``. ``kill_engine`` is fault injection: that engine's process
+        SIGKILLs itself once its first group is done, while its other groups are still running."""
         args = (group_size, noise_prob, temperature, validation_engine)
         shards = {k: shard for k, shard in enumerate(self.shards(requests)) if shard}
-        streams = {k: self._open(k, shard, args) for k, shard in shards.items()}
+        if kill_engine in shards and len(shards[kill_engine]) > 1:  # with one group nothing would be in flight
+            self.counters["engines_killed"] += 1
+        else:
+            kill_engine = None
+        streams = {k: self._open(k, shard, (*args, k == kill_engine)) for k, shard in shards.items()}
         for k, shard in shards.items():
             waiting = {r.group_id: r for r in shard}
             restarts = 0
@@ -89,10 +93,6 @@ class RolloutGroup:
                     for group in self._read(streams[k], deadline, abandoned, what):
                         waiting.pop(group[0].group_id, None)
                         yield group
-                        if kill_engine == k and waiting:
-                            kill_engine = None
-                            self.counters["engines_killed"] += 1
-                            ray.kill(self.actors[k], no_restart=True)
                     break  # the stream ended: every group of this engine came back
                 except ray.exceptions.RayActorError as error:
                     restarts += 1
@@ -100,7 +100,7 @@ class RolloutGroup:
                         raise RuntimeError(f"{what}: rollout engine {k} died {restarts} times; giving up") from error
                     self._restart(k, error)
                     self.counters["rerun_groups"] += len(waiting)
-                    streams[k] = self._open(k, list(waiting.values()), args)
+                    streams[k] = self._open(k, list(waiting.values()), (*args, False))
 
     def _open(self, k: int, requests: list[EpisodeRequest], args: tuple):
         return self.actors[k].rollout.options(num_returns="streaming").remote(requests, *args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -264,9 +265,10 @@ class RolloutActor:
         return True
 
     async def rollout(self, requests: list[EpisodeRequest], group_size: int, noise_prob: float,
-                      temperature: float | None = None, validation_engine: bool = False):
+                      temperature: float | None = None, validation_engine: bool = False, die_after_first: bool = False):
         """Run ``group_size`` episodes per request; yield each group's trajectories as soon as the group is done.
-        ``validation_engine`` searches the real validation engine instead of the training one."""
+        ``validation_engine`` searches the real validation engine instead of the training one. ``die_after_first`` is
+        fault injection: the process SIGKILLs itself once its first group is out, with the others still running."""
         if validation_engine and self.validation_search is None:
             raise ValueError("this rollout actor was started without a validation search engine")
         engine = self.validation_search if validation_engine else None
@@ -278,6 +280,8 @@ class RolloutActor:
 
         for finished in asyncio.as_completed([run_group(r) for r in requests]):
             yield await finished
+            if die_after_first:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     async def answer(self, requests: list[EpisodeRequest], retrieve: bool, top_k: int) -> list[dict[str, Any]]:
         """The Direct or RAG baseline on every request, concurrently (vLLM batches them)."""

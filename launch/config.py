@@ -391,7 +391,8 @@ class FaultsConfig:
     Attributes:
         kill_simulator_at: steps at which simulator server 0 is killed, just before the step's next search reaches it.
         kill_simulator_every: also every N steps (0: never).
-        kill_rollout_at: steps at which rollout engine 0 is killed, once its first group of the step has come back.
+        kill_rollout_at: steps at which rollout engine 0 SIGKILLs itself once its first group of the step is done,
+            with its other groups still running.
         kill_learner_at: steps at which learner rank 0 is killed, just before the step's update. The run stops: a
             learner's optimizer state cannot be rebuilt mid-run, so the run is resumed (``resume=auto``).
         garble_share: share of simulator replies replaced by garbage (``simulator/faults.py``).

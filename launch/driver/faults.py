@@ -2,7 +2,7 @@
 did, as ``faults/*`` metrics.
 
 Each kill is real. The simulator server is killed by its pool, just before the step's next search reaches it
-(``simulator/pool.arm_kill``). The rollout engine is killed once its first group of the step has come back, so its
+(``simulator/pool.arm_kill``). The rollout engine SIGKILLs itself once its first group of the step is done, so its
 other groups are in flight (``actors/group.RolloutGroup.stream``). The learner is killed just before the update. The
 replies' delay and garbage live in the pool (``simulator/faults.py``); a spoiled weight load lives in the engine
 (``actors/rollout.RolloutCore.load_weights``).
