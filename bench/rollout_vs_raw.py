@@ -71,7 +71,7 @@ def main() -> None:
             pool = None
             if cfg.search.engine == "simulated":
                 from launch.assets import resolve_simulator
-                from simulator.pool import create_simulator_pool
+                from simulator.pool_actor import create_simulator_pool
 
                 pool = create_simulator_pool(dataclasses.replace(resolve_simulator(cfg.simulator),
                                                                  num_servers=cfg.cluster.simulator_servers))

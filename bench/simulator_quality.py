@@ -93,7 +93,7 @@ def main() -> None:
 
     from launch.assets import resolve_simulator
     from simulator.engines import BM25Search
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
     from simulator.simulated import SimulatedSearch
 
     world = tempfile.TemporaryDirectory()

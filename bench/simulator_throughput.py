@@ -103,7 +103,7 @@ def bench_raw(ray, cfg: SimulatorConfig, prompts: list[str], rounds: int) -> dic
 
 def bench_pool(ray, cfg: SimulatorConfig, prompts: list[str], rounds: int) -> dict[str, object]:
     from launch.assets import resolve_simulator
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
 
     pool = create_simulator_pool(resolve_simulator(cfg))
     try:

@@ -116,7 +116,7 @@ def judge(cfg: Config, records: list[SearchRecord]) -> list[str | None]:
     import ray
 
     from launch.assets import resolve_simulator
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
 
     c = cfg.simulation.collect
     judge_cfg = dataclasses.replace(cfg.simulator, model=c.judge_model or cfg.simulator.model, temperature=0.0,

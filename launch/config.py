@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from actors.rollout import RolloutConfig
+from launch.driver.faults import FaultsConfig
 from learners.config import LearnerConfig
 from simulator.config import SearchConfig, SimulatorConfig
 from simulator.curriculum import CurriculumConfig
@@ -381,37 +382,6 @@ class ComparisonConfig:
     tuned_simulator: str = ""
     eval_limit: int = 0
     baseline_methods: list[str] = field(default_factory=lambda: ["direct", "rag", "agent"])
-
-
-@dataclass
-class FaultsConfig:
-    """Faults injected on purpose, to see a run survive them (``faults=NAME``, ``conf/faults/``). Off by default and
-    usable in any run. Every kill is a real ``ray.kill`` of the actor's process; each fault is counted (``faults/*``).
-
-    Attributes:
-        kill_simulator_at: steps at which simulator server 0 is killed, just before the step's next search reaches it.
-        kill_simulator_every: also every N steps (0: never).
-        kill_rollout_at: steps at which rollout engine 0 SIGKILLs itself once its first group of the step is done,
-            with its other groups still running.
-        kill_learner_at: steps at which learner rank 0 is killed, just before the step's update. The run stops: a
-            learner's optimizer state cannot be rebuilt mid-run, so the run is resumed (``resume=auto``).
-        garble_share: share of simulator replies replaced by garbage (``simulator/faults.py``).
-        garble_kinds: the garbage, in turn: ``empty``, ``binary``, ``long`` (50,000 characters), ``no_docs``.
-        delay_simulator_s: every simulator reply is held back this long.
-        corrupt_weight_load_at: the weight version (= the step that publishes it) whose load engine 0 spoils; -1: none.
-        corrupt_mode: ``scale``: the load completes and its checksum matches, then the token embedding is doubled, so
-            only the canary can catch it. ``skip``: the engine ignores the load, which the version check catches.
-    """
-
-    kill_simulator_at: list[int] = field(default_factory=list)
-    kill_simulator_every: int = 0
-    kill_rollout_at: list[int] = field(default_factory=list)
-    kill_learner_at: list[int] = field(default_factory=list)
-    garble_share: float = 0.0
-    garble_kinds: list[str] = field(default_factory=lambda: ["empty", "binary", "long", "no_docs"])
-    delay_simulator_s: float = 0.0
-    corrupt_weight_load_at: int = -1
-    corrupt_mode: str = "scale"
 
 
 @dataclass

@@ -186,7 +186,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         pool = None
         if cfg.engine == "simulated":
             from launch.assets import resolve_simulator
-            from simulator.pool import create_simulator_pool
+            from simulator.pool_actor import create_simulator_pool
 
             pool = create_simulator_pool(resolve_simulator(SimulatorConfig()))
         factory = functools.partial(build_search_engine, search, SimulatorConfig(), pool,

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from launch.assets import resolve_simulator
     from launch.listen import listen
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
 
     cfg = SimulatorConfig(
         model=args.model, mode=args.mode, num_servers=args.servers, max_tokens=args.max_tokens,

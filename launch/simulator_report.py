@@ -184,7 +184,7 @@ def measure_simulator(cfg: Config, model: str, mode: str, rows: list[dict[str, A
     import ray
 
     from launch.assets import resolve_simulator
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
     from simulator.simulated import SimulatedSearch
 
     report, top_k = cfg.simulation.report, cfg.search.top_k

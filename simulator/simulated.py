@@ -1,6 +1,6 @@
 """The simulated search engine (spec section 2): an LLM writes the search results, useful or noisy.
 
-- ``SimulatedSearch`` calls our simulator pool (``simulator/pool.py``), a Ray actor shared by every rollout actor.
+- ``SimulatedSearch`` calls our simulator pool (``simulator/pool_actor.py``), a Ray actor shared by every rollout actor.
 - ``OpenAISimulator`` calls external OpenAI-compatible servers (sglang, vLLM, ``launch/serve_simulator.py``), the way
   the original code did, but with a timeout, bounded retries and a fallback instead of retrying forever.
 - ``build_search_engine`` turns a ``SearchConfig`` into any engine, real or simulated.
@@ -251,7 +251,7 @@ def build_search_engine(
     kind = search_cfg.engine
     if kind == "simulated":
         if pool is None:
-            from simulator.pool import create_simulator_pool
+            from simulator.pool_actor import create_simulator_pool
 
             pool = create_simulator_pool(sim_cfg)
         return SimulatedSearch(pool, mode=sim_cfg.mode, top_k=search_cfg.top_k, timeout_s=search_cfg.timeout_s)

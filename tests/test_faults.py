@@ -11,8 +11,7 @@ import time
 import pytest
 
 from actors.protocol import observation_token_ids
-from launch.config import FaultsConfig
-from launch.driver.faults import FaultPlan
+from launch.driver.faults import FaultPlan, FaultsConfig
 from simulator.base import NO_INFORMATION, format_documents
 from simulator.faults import GARBAGE_KINDS, LONG_REPLY_CHARS, ReplyFaults, ReplyGarbler, garbage
 from simulator.pool import ServerDead, SimulatorPool

@@ -163,7 +163,7 @@ def test_shipped_yaml_files_match_the_config_dataclasses():
 
 @pytest.mark.slow
 def test_simulated_search_over_the_real_pool(ray_local, tiny_llama_path):
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
 
     cfg = SimulatorConfig(model=str(tiny_llama_path), num_servers=1, max_tokens=64, max_model_len=1024,
                           request_timeout_s=300.0, health_check_interval_s=0.0, cache_size=16)

@@ -99,7 +99,7 @@ def test_tuning_lowers_the_loss_exports_a_simulator_vllm_serves_and_resumes(synt
     import ray
 
     from simulator.config import SimulatorConfig
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
 
     sim_dir = tmp_path / "sim"
     _write_sft_files(synthetic_world, sim_dir / "data", n_train=16, n_val=8)

@@ -273,7 +273,7 @@ def _tiny_cfg(tiny_llama_path, **overrides) -> SimulatorConfig:
 
 @pytest.mark.slow
 def test_pool_serves_concurrent_calls_and_survives_a_killed_server(ray_local, tiny_llama_path):
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
 
     ray = ray_local
     pool = create_simulator_pool(_tiny_cfg(tiny_llama_path))
@@ -308,7 +308,7 @@ def test_pool_serves_concurrent_calls_and_survives_a_killed_server(ray_local, ti
 
 @pytest.mark.slow
 def test_a_server_that_never_answers_gives_the_fallback(ray_local):
-    from simulator.pool import create_simulator_pool
+    from simulator.pool_actor import create_simulator_pool
 
     ray = ray_local
     cfg = SimulatorConfig(model="unused", num_servers=1, cpus_per_server=0, request_timeout_s=1.0, max_attempts=2,

@@ -46,7 +46,7 @@ class Cluster:
         self.faults_done: set[tuple[str, int]] = set()  # (fault, step): each happens once, whatever the rounds
         self.pool = None
         if cfg.search.engine == "simulated":
-            from simulator.pool import create_simulator_pool
+            from simulator.pool_actor import create_simulator_pool
 
             self.pool = create_simulator_pool(sim_cfg, faults=self.faults.reply_faults(cfg.seed))
         # A picklable recipe: each rollout actor builds its own engine in its own process.
