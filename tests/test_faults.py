@@ -137,3 +137,30 @@ def test_a_checkpoint_half_written_when_the_run_died_is_skipped_for_the_one_befo
     assert find_checkpoint(tmp_path / "fresh", "auto") is None  # auto on a folder without checkpoints: start fresh
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         find_checkpoint(tmp_path / "fresh", str(tmp_path / "fresh"))
+
+
+def _engine_reporting(ray, version: int, checksum: float | None):
+    """A rollout engine as the weight sync sees it: ``weights_state.remote()`` gives an object ref of its state."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(weights_state=SimpleNamespace(
+        remote=lambda: ray.put({"version": version, "checksum": checksum})))
+
+
+@pytest.mark.slow
+def test_an_engine_that_skipped_a_load_is_named_with_both_versions(ray_local):
+    """``faults.corrupt_mode=skip``: the engine still reports the old version and checksum, so the check after the
+    load stops the run even where the canary would pass (at the paper's lr an update moves logprobs by less than its
+    tolerance)."""
+    from types import SimpleNamespace
+
+    from launch.driver.weight_sync import WeightSync, WeightSyncError
+
+    sync = object.__new__(WeightSync)  # only the check, without learners: the engines' reports are what it reads
+    sync.cfg = SimpleNamespace(train=SimpleNamespace(sync_timeout_s=30), cluster=SimpleNamespace(weight_sync="file"))
+    sync.engines = [_engine_reporting(ray_local, 2, 41.5), _engine_reporting(ray_local, 1, None)]
+    with pytest.raises(WeightSyncError, match=r"rollout engine 1 of 2 serves policy version 1 with weights checksum "
+                                              r"None, but the learners published version 2 with checksum 41.5"):
+        sync.check_loaded(2, 41.5)
+    sync.engines = sync.engines[:1]
+    sync.check_loaded(2, 41.5)  # the engine that loaded passes
