@@ -12,6 +12,7 @@ yielded whole or not at all, so nothing is lost and nothing is counted twice.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ import ray
 
 from actors.rollout import EpisodeRequest, RolloutActor, RolloutConfig
 from actors.trajectory import Trajectory
+
+logger = logging.getLogger(__name__)
 
 # How often a streaming wait wakes up to ask whether the caller has given up (a run that is closing).
 POLL_S = 5.0
@@ -124,9 +127,7 @@ class RolloutGroup:
     def _restart(self, k: int, error: BaseException) -> None:
         """A fresh actor in engine ``k``'s place (the list is shared with the weight sync, so it is replaced in
         place), with the weights the others serve."""
-        import logging
-
-        logging.getLogger(__name__).warning("rollout engine %d died (%s); restarting it", k, type(error).__name__)
+        logger.warning("rollout engine %d died (%s); restarting it", k, type(error).__name__)
         self.actors[k] = self._start(k)
         ray.get(self.actors[k].ready.remote(), timeout=self.start_timeout_s)
         if self.restore_weights is not None:

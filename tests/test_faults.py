@@ -40,8 +40,7 @@ def test_bad_fault_settings_are_refused_by_name():
 
 def test_metrics_count_the_shortfall_and_the_duplicates_of_a_step():
     plan = FaultPlan(FaultsConfig(kill_rollout_at=[1]))
-    plan.injected["rollout_kills"] = 1
-    m = plan.metrics({"engine_restarts": 1, "rerun_groups": 3}, {"garbled": 2, "restarts": 1},
+    m = plan.metrics({"engines_killed": 1, "engine_restarts": 1, "rerun_groups": 3}, {"garbled": 2, "restarts": 1},
                      group_sizes=[4, 4, 3, 5], group_size=4, requested_groups=5)
     assert m["faults/rollout_kills"] == 1.0 and m["faults/rollout_restarts"] == 1.0 and m["faults/rerun_groups"] == 3
     assert m["faults/garbled_replies"] == 2.0 and m["faults/simulator_restarts"] == 1.0

@@ -124,6 +124,8 @@ class Cluster:
         group_size = 1 if temperature == 0.0 else self.cfg.train.group_size  # greedy: one answer per question
         if self._inject("simulator", step, self.pool is not None and self.faults.kill_simulator(step)):
             ray.get(self.pool.arm_kill.remote(0), timeout=30)
+            self.faults.injected["simulator_kills"] += 1
+        # The rollout group counts the engine kills it made (none when the engine has a single group to run).
         kill_engine = 0 if self._inject("rollout", step, self.faults.kill_rollout(step)) else None
         trajectories = []
         try:
@@ -140,7 +142,6 @@ class Cluster:
         if not due or step < 1 or (fault, step) in self.faults_done:
             return False
         self.faults_done.add((fault, step))
-        self.faults.injected[f"{fault}_kills"] += 1
         return True
 
     def fault_metrics(self, batch) -> dict[str, float]:
@@ -189,6 +190,7 @@ class Cluster:
         started = time.perf_counter()
         if self._inject("learner", step, self.faults.kill_learner(step)):
             ray.kill(self.learners.actors[0], no_restart=True)
+            self.faults.injected["learner_kills"] += 1
         try:
             metrics = self.learners.train_step(samples)
             if self.critic is not None:

@@ -57,7 +57,7 @@ class FaultPlan:
         if cfg.kill_simulator_every < 0:
             raise ValueError(f"faults.kill_simulator_every={cfg.kill_simulator_every}: expected 0 (never) or more")
         self.cfg = cfg
-        self.injected = {"simulator_kills": 0, "rollout_kills": 0, "learner_kills": 0}
+        self.injected = {"simulator_kills": 0, "learner_kills": 0}  # the rollout group counts its engine kills
 
     def kill_simulator(self, step: int) -> bool:
         every = self.cfg.kill_simulator_every
@@ -89,6 +89,7 @@ class FaultPlan:
         missing_groups = max(0, requested_groups - len(group_sizes))
         lost = sum(max(0, group_size - n) for n in group_sizes) + missing_groups * group_size
         return {**{f"faults/{k}": float(v) for k, v in self.injected.items()},
+                "faults/rollout_kills": float(rollout_counters.get("engines_killed", 0)),
                 "faults/rollout_restarts": float(rollout_counters.get("engine_restarts", 0)),
                 "faults/rerun_groups": float(rollout_counters.get("rerun_groups", 0)),
                 "faults/garbled_replies": float(pool_stats.get("garbled", 0)),
