@@ -19,7 +19,7 @@ What happens to a call (``generate``):
    failure. It never hangs: the original client retried forever and stalled training (issue #24).
 
 Fault injection (``faults`` in training): ``ReplyFaults`` delays or garbles replies that did arrive
-(``simulator/faults.py``), and ``arm_kill`` kills a server for real just before the next call reaches it.
+(``simulator/faults.py``), and ``arm_kill`` kills a server for real when the next call arrives.
 """
 
 from __future__ import annotations
