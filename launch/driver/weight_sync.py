@@ -34,6 +34,7 @@ class WeightSync:
         self.weights_dir = weights_dir(run_dir)
         self.manifest = self._open_group() if cfg.cluster.weight_sync != "file" else None
         self.published: tuple[str, int] | None = None  # (path, version) of the file the engines last loaded
+        self.version = 0  # what the engines served after the last sync that passed its checks (0: the start)
 
     def _open_group(self) -> dict:
         """Learner rank 0 and every engine worker join one broadcast group; the engines check what they will get."""
@@ -84,10 +85,11 @@ class WeightSync:
         gap = max(gaps)
         if gap > self.cfg.train.canary_tolerance:
             worst = gaps.index(gap)
-            raise CanaryError(f"after syncing version {version} (the previous was {version - 1}), rollout engine "
+            raise CanaryError(f"after syncing version {version} (the previous was {self.version}), rollout engine "
                               f"{worst} of {len(self.engines)} and the learner differ by {gap:.4f} nats/token on the "
                               f"canary text (train.canary_tolerance={self.cfg.train.canary_tolerance}): the engine "
                               f"does not serve the weights that were trained. The run stops before the next update")
+        self.version = version
         return {"timing_s/sync": elapsed, "sync/canary_gap": gap, "sync/canary_moved": mean_abs_gap(before,
                                                                                                      engine_lps[0])}
 
