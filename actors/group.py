@@ -53,7 +53,6 @@ class RolloutGroup:
                  start_timeout_s: float = 600.0, max_restarts: int = 2) -> None:
         if num_engines < 1:
             raise ValueError(f"a rollout group needs at least one engine, got {num_engines}")
-        self.weight_fault = weight_fault
         self.start_timeout_s = start_timeout_s
         self.max_restarts = max_restarts
         self.restore_weights: Callable[[Any], None] | None = None

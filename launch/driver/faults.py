@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 @dataclass
 class FaultsConfig:
     """Faults injected on purpose, to see a run survive them (``faults=NAME``, ``conf/faults/``). Off by default and
-    usable in any run. Every kill is a real ``ray.kill`` of the actor's process; each fault is counted (``faults/*``).
+    usable in any run. Every kill is real (``ray.kill``, or the engine's own SIGKILL); each fault is counted
+    (``faults/*``).
 
     Attributes:
         kill_simulator_at: steps at which simulator server 0 is killed, just before the step's next search reaches it.
