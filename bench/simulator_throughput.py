@@ -55,10 +55,9 @@ class RawEngine:
         from vllm import LLM
 
         from launch.assets import resolve_model
-        from simulator.server import cpu_threads_bind, engine_kwargs
+        from simulator.server import cpu_engine_env, engine_kwargs
 
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kvcache_gb)
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(cfg, 0)
+        os.environ.update(cpu_engine_env(cfg, 0))
         path = resolve_model(cfg.model)
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(path)

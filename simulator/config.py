@@ -36,9 +36,10 @@ class SimulatorConfig:
             template (about 500 tokens in prompt mode) and the weights never change, so it is always safe; vLLM's
             CPU build leaves it off unless asked.
         kvcache_gb: ``VLLM_CPU_KVCACHE_SPACE`` for CPU servers (whole GiB); ignored when the server has a GPU.
-        cpu_threads_bind: ``VLLM_CPU_OMP_THREADS_BIND`` for CPU servers. ``auto`` is vLLM's default, which pins every
-            server to the same first cores; ``spread`` gives server i its own slice of the machine's cores, so N
-            servers on one machine do not fight over one core; anything else is passed through (``0-3``, ``nobind``).
+        cpu_threads_bind: the cores a CPU server's OpenMP threads are bound to. ``spread`` gives server i its own
+            slice of the machine's cores, so N servers on one machine do not fight over one core; a list (``0-3``,
+            ``0,2``) binds every server to it; ``auto`` and ``nobind`` leave the threads unbound, one per CPU of the
+            server's actor.
         seed: the engine's sampling seed, so a run's simulator outputs are reproducible for a fixed request order.
         request_timeout_s: limit of one generation attempt on one server. A hung server costs at most this much.
         max_attempts: attempts per call, each on a different live server when there is one; after the last failure

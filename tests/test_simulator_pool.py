@@ -237,6 +237,19 @@ def test_server_sampling_defaults_overrides_and_cpu_binding():
     assert cpu_threads_bind(SimulatorConfig(model="m", cpu_threads_bind="auto"), 0) == "auto"
 
 
+def test_cpu_engine_env_binds_one_engine_process_to_the_servers_cores():
+    from simulator.server import cpu_engine_env
+
+    env = cpu_engine_env(SimulatorConfig(model="m", num_servers=2, kvcache_gb=2), 1, cores=[0, 1, 2, 3])
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2",
+                   "OMP_PLACES": "{2,3}", "OMP_PROC_BIND": "true"}
+    ranged = cpu_engine_env(SimulatorConfig(model="m", cpu_threads_bind="4-6,9"), 0)
+    assert (ranged["OMP_NUM_THREADS"], ranged["OMP_PLACES"]) == ("4", "{4,5,6,9}")
+    assert "OMP_PLACES" not in cpu_engine_env(SimulatorConfig(model="m", cpu_threads_bind="nobind"), 0)
+    with pytest.raises(ValueError, match="simulator.cpu_threads_bind: 'x' is not a core id"):
+        cpu_engine_env(SimulatorConfig(model="m", cpu_threads_bind="0,x"), 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Real Ray + vLLM
 # ---------------------------------------------------------------------------------------------------------------------
