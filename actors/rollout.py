@@ -8,6 +8,7 @@ done, the group is yielded, so the driver can start on it without waiting for th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -35,6 +36,9 @@ class RolloutConfig:
         enable_prefix_caching: vLLM's prefix cache on the policy engines: the G samples of a group share their
             prompt, and every later turn re-reads the whole history. Safe across weight syncs because every load
             resets the cache (``load_weights``, ``receive_weights``).
+        prompt: ``agent``, the paper's prompt: the policy searches as it decides, over several turns; or ``rag``, the
+            RAG baseline's prompt with the documents of one search for the question, answered in one turn (single-turn
+            RL, the setting of TRL and of ``bench/peer_trl.py``; ``episode.max_turns`` does not apply).
         episode: per-episode limits (turns, token budgets, reward metric).
     """
 
@@ -45,6 +49,7 @@ class RolloutConfig:
     generate_timeout_s: float = 300.0
     guided_first_turn_regex: str | None = None
     enable_prefix_caching: bool = True
+    prompt: str = "agent"
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
 
 
@@ -130,7 +135,13 @@ class RolloutCore:
     async def run(self, request: EpisodeRequest, noise_prob: float, temperature: float | None = None,
                   search_engine: Any = None) -> Trajectory:
         """One episode; ``search_engine`` replaces the training engine (validation against a real one)."""
-        prompt_ids = self.prompt_ids(request.question)
+        search_engine = search_engine or self.search_engine
+        episode_cfg = self.cfg.episode
+        if self.cfg.prompt == "rag":
+            prompt_ids = await self.rag_prompt_ids(request, search_engine, noise_prob)
+            episode_cfg = dataclasses.replace(episode_cfg, max_turns=0)
+        else:
+            prompt_ids = self.prompt_ids(request.question)
         turn = {"n": 0}
 
         async def generate(context: list[int], budget: int) -> Generation:
@@ -140,9 +151,8 @@ class RolloutCore:
                                           timeout=self.cfg.generate_timeout_s)
 
         version = self.policy_version
-        result = await run_episode(prompt_ids, request.question, request.golden_answers, generate,
-                                   search_engine or self.search_engine, self.tokenizer, self.cfg.episode, noise_prob,
-                                   request.seed)
+        result = await run_episode(prompt_ids, request.question, request.golden_answers, generate, search_engine,
+                                   self.tokenizer, episode_cfg, noise_prob, request.seed)
         trajectory = Trajectory(
             uid=uuid.uuid4().hex, group_id=request.group_id, prompt_ids=prompt_ids,
             response_ids=result.response_ids, loss_mask=result.loss_mask, rollout_logprobs=result.logprobs,
@@ -156,20 +166,27 @@ class RolloutCore:
         """The Direct (``retrieve=False``) or RAG baseline: one greedy generation, after one search for the question
         itself when ``retrieve``. Returns the fields of an evaluation record."""
         from actors.reward import extract_answer
-        from simulator.base import SearchContext
 
-        documents = None
         if retrieve:
-            ctx = SearchContext(question=request.question, golden_answers=request.golden_answers, top_k=top_k,
-                                seed=request.seed)
-            documents = (await self.search_engine.search(request.question, ctx)).text
-        prompt = baseline_prompt_token_ids(request.question, self.tokenizer, documents, self.cfg.max_prompt_tokens)
+            prompt = await self.rag_prompt_ids(request, self.search_engine, top_k=top_k)
+        else:
+            prompt = baseline_prompt_token_ids(request.question, self.tokenizer, None, self.cfg.max_prompt_tokens)
         generation = await asyncio.wait_for(self.generate(prompt, self.cfg.episode.max_tokens_per_turn,
                                                           temperature=0.0), timeout=self.cfg.generate_timeout_s)
         text = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
         return {"prediction": extract_answer(text), "response": text, "searches": int(retrieve),
                 "generated_tokens": len(generation.token_ids), "turns": 1,
                 "invalid_actions": int(parse_action(text).kind != "answer")}
+
+    async def rag_prompt_ids(self, request: EpisodeRequest, search_engine: Any, noise_prob: float = 0.0,
+                             top_k: int = 0) -> list[int]:
+        """The RAG prompt: the documents of one search for the question itself, then the question."""
+        from simulator.base import SearchContext
+
+        ctx = SearchContext(question=request.question, golden_answers=request.golden_answers, noise_prob=noise_prob,
+                            seed=request.seed, top_k=top_k)
+        documents = (await search_engine.search(request.question, ctx)).text
+        return baseline_prompt_token_ids(request.question, self.tokenizer, documents, self.cfg.max_prompt_tokens)
 
     async def load_weights(self, path: str, version: int, timeout_s: float) -> float:
         started = time.perf_counter()

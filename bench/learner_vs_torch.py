@@ -89,7 +89,8 @@ def plain(model_path: str, samples, rounds: int, threads: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learners.algorithms import combine_policy_loss, entropy_from_logits, kl_estimate, policy_gradient_loss
+    from learners.algorithms import kl_estimate
+    from learners.losses import combine_policy_loss, entropy_from_logits, policy_gradient_loss
 
     torch.set_num_threads(threads)
     policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -73,6 +73,21 @@ def resolve_model(name_or_path: str) -> str:
     return text
 
 
+def resolve_policy(model: str) -> str:
+    """A training run folder's newest HF export (``checkpoints/step_*/hf``), or what ``resolve_model`` makes of the
+    name: how every command that runs a trained policy (evaluate, infer, collect_sim_data) finds it."""
+    from launch.paths import resolve
+
+    run = resolve(model)
+    if (run / "checkpoints").is_dir():
+        exports = sorted((int(p.parent.name.split("_")[1]), p) for p in (run / "checkpoints").glob("step_*/hf"))
+        if not exports:
+            raise FileNotFoundError(f"{run}: a run folder without an HF export (checkpoints/step_*/hf); train with "
+                                    f"train.export_hf=true")
+        return str(exports[-1][1])
+    return resolve_model(model)
+
+
 def resolve_simulator(cfg):
     """A ``SimulatorConfig`` whose ``model`` is loadable: the simulator servers take the path as given, since
     ``simulator/`` imports nothing above it."""

@@ -188,8 +188,8 @@ def previous_collection(out: Path) -> tuple[list[SearchRecord], dict[str, Any]]:
 def main(dict_cfg: DictConfig) -> None:
     import ray
 
+    from launch.assets import resolve_policy
     from launch.driver.cluster import init_ray
-    from launch.evaluate import resolve_policy
     from launch.paths import ensure_data, resolve
     from launch.warmup import should_warm_up, warm_up
 

@@ -22,6 +22,7 @@ written anew after every arm.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -160,15 +161,16 @@ def evaluate_policy(cfg: Config, policy: str, files: dict[str, Path], out: Path,
     """``launch.evaluate`` of one policy on the world's test split, real BM25, greedy, with training's episode limits;
     one row per method, with SubEM on single-hop and two-hop questions apart."""
     from actors.dataset import load_qa
-    from launch.evaluate import EvalConfig, evaluate
+    from launch.command_config import EvalConfig
+    from launch.evaluate import evaluate
 
-    episode = cfg.rollout.episode
-    eval_cfg = EvalConfig(model=policy, engine="bm25", corpus=str(files["corpus"]), top_k=cfg.search.top_k,
-                          max_turns=episode.max_turns, max_tokens_per_turn=episode.max_tokens_per_turn,
-                          max_obs_tokens=episode.max_obs_tokens, max_model_len=cfg.model.max_model_len,
-                          dtype=cfg.model.dtype, data=str(files["test"].parent), benchmarks=["synthetic"],
-                          methods=list(methods), limit=cfg.comparison.eval_limit or 10**9, out_dir=str(out),
-                          seed=cfg.seed)
+    eval_cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, name=policy),
+        data=dataclasses.replace(cfg.data, dir=str(files["test"].parent)),
+        search=dataclasses.replace(cfg.search, engine="bm25", corpus_file=str(files["corpus"])),
+        logger=dataclasses.replace(cfg.logger, wandb=dataclasses.replace(cfg.logger.wandb, mode="disabled")),
+        eval=EvalConfig(benchmarks=["synthetic"], methods=list(methods), limit=cfg.comparison.eval_limit or 10**9,
+                        out_dir=str(out)))
     evaluate(eval_cfg)
     hops = {e.uid: e.data_source for e in load_qa(files["test"])}
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]

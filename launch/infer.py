@@ -1,47 +1,33 @@
 """Ask a policy questions and watch it search: interactively, or over a file of questions.
 
-    python -m launch.infer model=smollm2-135m-instruct engine=bm25         # type questions, read the traces
-    python -m launch.infer model=runs/2026-01-01/12-00-00 input=questions.jsonl output=answers.jsonl
+    python -m launch.infer model.name=smollm2-135m-instruct                # type questions, read the traces
+    python -m launch.infer model.name=runs/2026-01-01/12-00-00 infer.input=questions.jsonl infer.output=answers.jsonl
 
 Interactive mode reads one question per line from standard input (an empty line or end of input stops) and prints
 the trace: ``[think]``, ``[search]``, ``[information]`` (the engine's documents, shortened), ``[ANSWER]``. Batch mode
-reads ``input`` (jsonl with a ``question`` field, or plain text, one question per line) and writes one jsonl row per
-question to ``output``: the question, the answer, the searches and the whole response. Decoding is greedy.
+reads ``infer.input`` (jsonl with a ``question`` field, or plain text, one question per line) and writes one jsonl
+row per question to ``infer.output``: the question, the answer, the searches and the whole response. Decoding is
+greedy. The config is training's, with real BM25 as the engine (``conf/infer.yaml``): ``model.*``, ``search=...``,
+``search.*``, ``rollout.*`` (the episode limits, ``rollout.guided_first_turn_regex``) mean what they mean for
+training. The engine runs in this process, without Ray, so the simulated engine (a Ray pool) is not offered here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from launch.evaluate import AgentConfig
+from launch.config import Config, register_configs
 
-
-@dataclass
-class InferConfig(AgentConfig):
-    """An inference session (the policy and engine keys are in ``launch.evaluate.AgentConfig``).
-
-    Attributes:
-        input: a questions file for batch mode; empty: interactive, from standard input.
-        output: where batch mode writes its jsonl (default: ``input`` with ``.answers.jsonl``).
-        guided_first_turn_regex: constrain the first turn to this regex (for demos and tests with untrained models).
-    """
-
-    input: str = ""
-    output: str = ""
-    guided_first_turn_regex: str | None = None
-
-
-ConfigStore.instance().store(name="infer_schema", node=InferConfig)
+register_configs()
 
 
 def _questions(path: Path) -> list[str]:
@@ -57,30 +43,25 @@ def _questions(path: Path) -> list[str]:
     return [line.strip() for line in lines]
 
 
-async def run(cfg: InferConfig) -> None:
-    from actors.episode import EpisodeConfig
-    from actors.rollout import RolloutConfig, RolloutCore
-    from launch.evaluate import resolve_policy
-    from launch.paths import resolve
-    from simulator.config import SearchConfig
+async def run(cfg: Config) -> None:
+    from actors.rollout import RolloutCore
+    from launch.assets import resolve_policy
+    from launch.driver.cluster import policy_engine_options
+    from launch.paths import ensure_data, resolve
     from simulator.simulated import build_search_engine
 
-    # vLLM's CPU build sizes its KV cache from this (GiB); its default claims a large share of a laptop's memory.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    corpus = resolve(cfg.corpus) if cfg.corpus else None
-    if corpus is None and cfg.engine in ("bm25", "dense"):
-        from launch.config import DataConfig
-        from launch.paths import ensure_data
-
-        corpus = ensure_data(DataConfig())["corpus"]
-    search = build_search_engine(SearchConfig(engine=cfg.engine, top_k=cfg.top_k, url=cfg.url), None, None,
-                                 str(corpus) if corpus else None)
-    episode = EpisodeConfig(max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn,
-                            max_obs_tokens=cfg.max_obs_tokens)
-    rollout_cfg = RolloutConfig(temperature=0.0, guided_first_turn_regex=cfg.guided_first_turn_regex, episode=episode)
-    engine = RolloutCore(resolve_policy(cfg.model), dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                                                          enforce_eager=True, gpu_memory_utilization=0.3),
-                          search, rollout_cfg)
+    if cfg.search.engine == "simulated":
+        raise ValueError("search.engine=simulated: launch.infer runs its engine without Ray, and the simulator is a "
+                         "Ray pool; choose a real engine (search=bm25, dense, http or serpapi)")
+    engine_kwargs, env = policy_engine_options(cfg)
+    for key, value in env.items():  # read by vLLM's CPU build when the engine process starts
+        os.environ.setdefault(key, value)
+    corpus = resolve(cfg.search.corpus_file) if cfg.search.corpus_file else None
+    if corpus is None and cfg.search.engine in ("bm25", "dense"):
+        corpus = ensure_data(cfg.data)["corpus"]
+    search = build_search_engine(cfg.search, None, None, str(corpus) if corpus else None)
+    engine = RolloutCore(resolve_policy(cfg.model.name), engine_kwargs, search,
+                         dataclasses.replace(cfg.rollout, temperature=0.0))
 
     try:
         await _serve(cfg, engine)
@@ -93,7 +74,7 @@ async def run(cfg: InferConfig) -> None:
         gc.collect()
 
 
-async def _serve(cfg: InferConfig, engine) -> None:
+async def _serve(cfg: Config, engine) -> None:
     from actors.reward import extract_answer
     from actors.rollout import EpisodeRequest
     from actors.trace import render_trace
@@ -103,11 +84,11 @@ async def _serve(cfg: InferConfig, engine) -> None:
         return await engine.run(EpisodeRequest(f"q{i}", question, (), "infer", seed=i), noise_prob=0.0,
                                 temperature=0.0)
 
-    if cfg.input:
-        source = resolve(cfg.input)
+    if cfg.infer.input:
+        source = resolve(cfg.infer.input)
         questions = _questions(source)
         trajectories = await asyncio.gather(*(ask(i, q) for i, q in enumerate(questions)))
-        output = resolve(cfg.output) if cfg.output else source.with_suffix(".answers.jsonl")
+        output = resolve(cfg.infer.output) if cfg.infer.output else source.with_suffix(".answers.jsonl")
         with open(output, "w") as f:
             for question, t in zip(questions, trajectories):
                 f.write(json.dumps({"question": question, "answer": extract_answer(t.response_text),
@@ -126,7 +107,7 @@ async def _serve(cfg: InferConfig, engine) -> None:
               flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf/eval", config_name="infer")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
 def main(dict_cfg: DictConfig) -> None:
     asyncio.run(run(OmegaConf.to_object(dict_cfg)))
 

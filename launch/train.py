@@ -163,6 +163,8 @@ def _check(cfg: Config) -> None:
     if cfg.train.group_size < 1 or cfg.train.prompts_per_step < 1:
         raise ValueError(f"train.group_size={cfg.train.group_size}, train.prompts_per_step="
                          f"{cfg.train.prompts_per_step}: expected 1 or more each")
+    if cfg.rollout.prompt not in ("agent", "rag"):
+        raise ValueError(f"rollout.prompt={cfg.rollout.prompt!r}; expected agent (the paper's search prompt) or rag")
     if cfg.rollout.episode.max_turns < 0:
         raise ValueError(f"rollout.episode.max_turns={cfg.rollout.episode.max_turns}: expected 0 or more searches")
 

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from learners.algorithms import masked_sum, token_mean_loss, value_loss
+from learners.algorithms import masked_sum
 from learners.batch import LearnerSample
-from learners.engine import DeepSpeedCore, MicroBatch
+from learners.engine import DeepSpeedCore
+from learners.forward import MicroBatch
+from learners.losses import token_mean_loss, value_loss
 from learners.shell import LearnerActor
 
 

@@ -11,17 +11,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from learners.algorithms import (
+from learners.algorithms import kl_estimate, masked_sum
+from learners.batch import LearnerSample
+from learners.engine import DeepSpeedCore
+from learners.forward import MicroBatch, response_logits, token_logprobs
+from learners.losses import (
     combine_policy_loss,
     entropy_from_logits,
-    kl_estimate,
-    masked_sum,
     policy_gradient_loss,
     token_mean_loss,
     truncated_importance_weights,
 )
-from learners.batch import LearnerSample
-from learners.engine import DeepSpeedCore, MicroBatch, response_logits, token_logprobs
 from learners.shell import LearnerActor
 
 

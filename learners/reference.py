@@ -13,7 +13,7 @@ import torch
 
 from learners.batch import LearnerSample
 from learners.distributed import use_cpu_threads
-from learners.engine import compute_logprobs
+from learners.forward import compute_logprobs
 
 
 def _default_device() -> torch.device:

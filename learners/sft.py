@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from learners.algorithms import masked_sum, token_mean_loss
+from learners.algorithms import masked_sum
 from learners.batch import LearnerSample
-from learners.engine import DeepSpeedCore, MicroBatch, response_logits, token_logprobs
+from learners.engine import DeepSpeedCore
+from learners.forward import MicroBatch, response_logits, token_logprobs
+from learners.losses import token_mean_loss
 from learners.shell import LearnerActor
 
 

@@ -1,4 +1,4 @@
-"""Hand-checked values for learners/algorithms.py.
+"""Hand-checked values for learners/algorithms.py and learners/losses.py.
 
 Every expected number is worked out in the comment above it. The recurring response shape has an observation gap in
 the middle:  mask [1, 1, 0, 0, 1, 0]  =  model, model, <information>, <information>, model, padding.
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from learners import algorithms as alg
+from learners import losses
 
 GAP_MASK = [1, 1, 0, 0, 1, 0]
 DENSE_MASK = [1, 1, 1, 0, 0, 0]
@@ -270,7 +271,7 @@ def test_unknown_kl_kind_names_the_choices():
 
 def _pg(ratios, advs, **kw):
     logp = torch.log(t(ratios)).requires_grad_(True)
-    loss, stats = alg.policy_gradient_loss(logp, torch.zeros_like(logp), t(advs), **kw)
+    loss, stats = losses.policy_gradient_loss(logp, torch.zeros_like(logp), t(advs), **kw)
     loss.sum().backward()
     return loss, logp.grad, stats
 
@@ -315,18 +316,18 @@ def test_dual_clip():
 def test_policy_loss_stats_respect_loss_mask():
     # 2 clipped tokens out of 3, but one clipped token is masked -> 1/2
     logp = torch.log(t([[1.5, 1.0, 1.5]]))
-    _, stats = alg.policy_gradient_loss(logp, torch.zeros_like(logp), t([[1.0, 1.0, 1.0]]), loss_mask=t([[1, 1, 0]]))
+    _, stats = losses.policy_gradient_loss(logp, torch.zeros_like(logp), t([[1.0, 1.0, 1.0]]), loss_mask=t([[1, 1, 0]]))
     assert stats.clip_frac == pytest.approx(0.5)
 
 
 def test_entropy_uniform_and_known_distribution():
     # uniform over V=7 -> log 7, also when every logit is shifted by a huge constant
     logits = torch.zeros(2, 3, 7)
-    close(alg.entropy_from_logits(logits), torch.full((2, 3), math.log(7)).tolist(), atol=1e-5)
-    close(alg.entropy_from_logits(logits + 1e4), torch.full((2, 3), math.log(7)).tolist(), atol=1e-3)
+    close(losses.entropy_from_logits(logits), torch.full((2, 3), math.log(7)).tolist(), atol=1e-5)
+    close(losses.entropy_from_logits(logits + 1e4), torch.full((2, 3), math.log(7)).tolist(), atol=1e-3)
     # p = (0.5, 0.25, 0.25): H = 0.5 ln2 + 2 · 0.25 ln4 = 1.5 ln2 = 1.039721
     p = torch.log(t([[[0.5, 0.25, 0.25]]]))
-    close(alg.entropy_from_logits(p), [[1.5 * math.log(2)]], atol=1e-6)
+    close(losses.entropy_from_logits(p), [[1.5 * math.log(2)]], atol=1e-6)
 
 
 def test_value_loss_clipping():
@@ -336,27 +337,27 @@ def test_value_loss_clipping():
     #   V=0.3: inside, 0.49 both                                -> 0.245
     #   V=−1:  unclipped 4,             clipped (−0.5−1)² = 2.25 -> 2
     vals = t([2.0, 0.8, 0.3, -1.0])
-    loss = alg.value_loss(vals, torch.zeros(4), torch.ones(4), clip=0.5)
+    loss = losses.value_loss(vals, torch.zeros(4), torch.ones(4), clip=0.5)
     close(loss, [0.5, 0.125, 0.245, 2.0])
 
 
 def test_truncated_importance_weights():
     # exp(old − rollout): rollout = log 0.5 -> 2, capped at 1.5; rollout = log 2 -> 0.5; equal -> 1
     old = torch.zeros(3, requires_grad=True)
-    w = alg.truncated_importance_weights(old, torch.log(t([0.5, 2.0, 1.0])), cap=1.5)
+    w = losses.truncated_importance_weights(old, torch.log(t([0.5, 2.0, 1.0])), cap=1.5)
     close(w, [1.5, 0.5, 1.0])
     assert not w.requires_grad
 
 
 def test_combined_loss_adds_kl():
     # 1 + 0.1·2 − 0.01·3 = 1.17
-    close(alg.combine_policy_loss(t([1.0]), t([2.0]), t([3.0]), kl_coef=0.1, entropy_coef=0.01), [1.17])
+    close(losses.combine_policy_loss(t([1.0]), t([2.0]), t([3.0]), kl_coef=0.1, entropy_coef=0.01), [1.17])
     # more KL -> more loss (the original's sign bug would make it less)
-    low = alg.combine_policy_loss(t([1.0]), t([1.0]), t([0.0]), kl_coef=0.1, entropy_coef=0.0)
-    high = alg.combine_policy_loss(t([1.0]), t([2.0]), t([0.0]), kl_coef=0.1, entropy_coef=0.0)
+    low = losses.combine_policy_loss(t([1.0]), t([1.0]), t([0.0]), kl_coef=0.1, entropy_coef=0.0)
+    high = losses.combine_policy_loss(t([1.0]), t([2.0]), t([0.0]), kl_coef=0.1, entropy_coef=0.0)
     assert high.item() > low.item()
     with pytest.raises(ValueError, match="kl_coef"):
-        alg.combine_policy_loss(t([1.0]), t([1.0]), None, kl_coef=-0.1, entropy_coef=0.0)
+        losses.combine_policy_loss(t([1.0]), t([1.0]), None, kl_coef=-0.1, entropy_coef=0.0)
 
 
 def test_gradient_step_on_kl_term_moves_policy_towards_reference():
@@ -365,7 +366,7 @@ def test_gradient_step_on_kl_term_moves_policy_towards_reference():
     ref = t([[-1.0, -1.0]])
     kl = alg.kl_estimate(logp, ref, "k3")
     before = kl.sum().item()
-    total = alg.combine_policy_loss(torch.zeros_like(kl), kl, None, kl_coef=1.0, entropy_coef=0.0)
+    total = losses.combine_policy_loss(torch.zeros_like(kl), kl, None, kl_coef=1.0, entropy_coef=0.0)
     total.sum().backward()
     with torch.no_grad():
         stepped = logp - 0.1 * logp.grad
@@ -388,7 +389,7 @@ AGG_MASK = [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]]
 
 def test_token_mean_loss_full_batch():
     w = torch.tensor(1.0, requires_grad=True)
-    loss = alg.token_mean_loss(w * t(AGG_X), t(AGG_MASK), global_num_tokens=9)
+    loss = losses.token_mean_loss(w * t(AGG_X), t(AGG_MASK), global_num_tokens=9)
     close(loss, 25 / 9)
     loss.backward()
     close(w.grad, 25 / 9)
@@ -406,7 +407,7 @@ def test_token_mean_loss_is_exact_across_micro_batches_and_ranks():
     for micro_batches in ranks:
         w = torch.tensor(1.0, requires_grad=True)
         for sl in micro_batches:
-            loss = alg.token_mean_loss(w * x[sl], mask[sl], n_global)
+            loss = losses.token_mean_loss(w * x[sl], mask[sl], n_global)
             total_loss += loss.item()
             loss.backward()  # gradient accumulation: .grad sums across micro-batches
         rank_grads.append(w.grad.clone())
@@ -426,4 +427,4 @@ def test_token_mean_loss_is_exact_across_micro_batches_and_ranks():
 
 def test_token_mean_loss_rejects_non_positive_count():
     with pytest.raises(ValueError, match="global_num_tokens"):
-        alg.token_mean_loss(t(AGG_X), t(AGG_MASK), 0)
+        losses.token_mean_loss(t(AGG_X), t(AGG_MASK), 0)

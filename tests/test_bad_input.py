@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 TRAIN = [sys.executable, "-m", "launch.train", "logger.wandb.mode=disabled", "train.warmup=off"]
-EVALUATE = [sys.executable, "-m", "launch.evaluate", "wandb=disabled"]
+EVALUATE = [sys.executable, "-m", "launch.evaluate", "logger.wandb.mode=disabled"]
 INFER = [sys.executable, "-m", "launch.infer"]
 PREPARE = [sys.executable, "-m", "launch.prepare_data"]
 RETRIEVER = [sys.executable, "-m", "launch.serve_retriever"]
@@ -75,18 +75,20 @@ CASES: dict[str, tuple[list[str], list[str], str | None]] = {
     "train-data-folder-missing": (TRAIN + ["data.dir={tmp}/nowhere", "data.generate_synthetic=false"],
                                   ["nowhere", "train.parquet"], None),
     # Evaluation and inference
-    "evaluate-model-missing": (EVALUATE + ["model=/no/such/model", "data={world}"], ["no model at", "/no/such/model"],
+    "evaluate-model-missing": (EVALUATE + WORLD + ["model.name=/no/such/model"], ["no model at", "/no/such/model"],
                                None),
-    "evaluate-unknown-benchmark": (EVALUATE + ["data={world}", "benchmarks=[nosuchqa]"], ["nosuchqa"], None),
-    "evaluate-unknown-method": (EVALUATE + ["data={world}", "methods=[oracle]"], ["oracle", "agent"], None),
-    "evaluate-unknown-engine": (EVALUATE + ["data={world}", "benchmarks=[synthetic]", "engine=altavista"],
-                                ["altavista", "bm25"], None),
-    "evaluate-serpapi-key-missing": (EVALUATE + ["data={world}", "benchmarks=[synthetic]", "engine=serpapi"],
-                                     ["SERPAPI_API_KEY"], None),
-    "evaluate-retriever-down": (EVALUATE + ["data={world}", "benchmarks=[synthetic]", "engine=http",
-                                            "url=http://127.0.0.1:{dead_port}/retrieve"],
+    "evaluate-unknown-benchmark": (EVALUATE + WORLD + ["eval.benchmarks=[nosuchqa]"], ["nosuchqa"], None),
+    "evaluate-unknown-method": (EVALUATE + WORLD + ["eval.methods=[oracle]"], ["eval.methods", "oracle", "agent"],
+                                None),
+    "evaluate-unknown-engine": (EVALUATE + WORLD + ["search.engine=altavista"], ["search.engine", "altavista", "bm25"],
+                                None),
+    "evaluate-serpapi-key-missing": (EVALUATE + WORLD + ["search=serpapi"], ["SERPAPI_API_KEY"], None),
+    "evaluate-retriever-down": (EVALUATE + WORLD + ["search=http", "search.url=http://127.0.0.1:{dead_port}/retrieve"],
                                 ["127.0.0.1:{dead_port}", "retriever"], None),
-    "infer-model-missing": (INFER + ["model=/no/such/model"], ["no model at", "/no/such/model"], None),
+    "evaluate-no-benchmark-in-folder": (EVALUATE + ["data.dir={tmp}"], ["no benchmark found under {tmp}", "data.dir"],
+                                        None),
+    "infer-model-missing": (INFER + ["model.name=/no/such/model"], ["no model at", "/no/such/model"], None),
+    "infer-simulated-engine": (INFER + ["search=simulated"], ["search.engine=simulated", "search=bm25"], None),
     # Data preparation
     "prepare-check-missing-column": (PREPARE + ["check", "{bad}/train.parquet"], ["train.parquet", "golden_answers"],
                                      "parquet_missing_column"),

@@ -39,3 +39,34 @@ def test_unknown_group_option_names_the_choices():
 def test_wrong_type_is_rejected():
     result = _train("--cfg", "job", "cluster.learners=many")
     assert result.returncode != 0 and "cluster.learners" in result.stderr
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from launch.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(compose(name, overrides=[*overrides, "logger.run_dir=unused"]))
+
+
+def test_every_command_reads_the_training_groups_and_starts_its_engine_by_one_recipe():
+    from launch.driver.cluster import policy_engine_options
+
+    overrides = ["model=tiny_llama", "model.dtype=bfloat16", "search.top_k=3", "rollout.episode.max_turns=1",
+                 "cluster.vllm_cpu_kvcache_gb=2", "seed=7"]
+    train, evaluate, infer = (_compose(name, overrides) for name in ("config", "evaluate", "infer"))
+    for cfg in (evaluate, infer):
+        assert (cfg.model, cfg.rollout, cfg.cluster, cfg.simulator, cfg.seed) == \
+               (train.model, train.rollout, train.cluster, train.simulator, train.seed)
+        assert cfg.search.top_k == 3 and cfg.search.engine == "bm25"  # evaluation and inference search a real engine
+        assert policy_engine_options(cfg) == policy_engine_options(train)
+    assert train.search.engine == "simulated"
+    kwargs, env = policy_engine_options(train)
+    assert kwargs == {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True,
+                      "gpu_memory_utilization": 0.3, "seed": 7, "tensor_parallel_size": 1,
+                      "enable_prefix_caching": True}
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    assert _compose("evaluate", ["search=simulated", "eval.limit=3"]).eval.limit == 3

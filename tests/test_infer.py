@@ -34,9 +34,10 @@ def test_render_trace_labels_and_shortens_information():
 def test_infer_answers_questions_typed_on_stdin_with_real_bm25(tmp_path, synthetic_world):
     # An untrained model's first turn is constrained to a search for a name the world's corpus holds.
     name = json.loads(synthetic_world["corpus"].read_text().splitlines()[0])["contents"].split("\n")[0]
-    cmd = [sys.executable, "-m", "launch.infer", "model=tiny-llama", "engine=bm25",
-           f"corpus={synthetic_world['corpus']}", "max_tokens_per_turn=24", "max_model_len=2048", "top_k=3",
-           f"guided_first_turn_regex='<search> {name} </search>'"]
+    cmd = [sys.executable, "-m", "launch.infer", "model=tiny_llama",
+           f"search.corpus_file={synthetic_world['corpus']}", "rollout.episode.max_tokens_per_turn=24",
+           "search.top_k=3",
+           f"rollout.guided_first_turn_regex='<search> {name} </search>'"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, input=f"Where was {name} born?\nwho is he\n\n",
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -48,7 +49,8 @@ def test_infer_answers_questions_typed_on_stdin_with_real_bm25(tmp_path, synthet
 
     questions = tmp_path / "questions.jsonl"
     questions.write_text(json.dumps({"question": "Who founded Rerza Foundry?"}) + "\n")
-    batch = subprocess.run([*cmd, f"input={questions}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    batch = subprocess.run([*cmd, f"infer.input={questions}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=600)
     assert batch.returncode == 0, batch.stderr[-4000:]
     [row] = [json.loads(line) for line in (tmp_path / "questions.answers.jsonl").read_text().splitlines()]
     assert row["question"] == "Who founded Rerza Foundry?" and len(row["searches"]) >= 1 and row["response"]

@@ -4,7 +4,8 @@ still a dependency):
 - no import circle among the project's modules;
 - ``simulator/``, ``actors/`` and ``learners/`` never import ``launch``;
 - ``simulator/`` imports neither ``actors`` nor ``learners``;
-- ``actors`` and ``learners`` share at most one module, the weight-transfer wire, and only one of them imports it.
+- ``actors`` and ``learners`` share at most one module, the weight-transfer wire, and only one of them imports it;
+- no module is over 450 lines.
 """
 
 from __future__ import annotations
@@ -96,3 +97,13 @@ def test_actors_and_learners_share_only_the_wire():
     # One way: the wire imports neither side's other modules.
     for wire in WIRE_MODULES:
         assert {_top(b) for b in graph[wire]} <= set(), graph[wire]
+
+
+# A file of one role stays readable in one sitting; past this, the file has grown a second role to split out.
+MAX_LINES = 450
+
+
+def test_no_module_is_over_the_line_limit():
+    long = {str(p.relative_to(REPO_ROOT)): n for package in PACKAGES for p in (REPO_ROOT / package).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"over {MAX_LINES} lines, split by role: {long}"

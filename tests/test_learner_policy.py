@@ -179,7 +179,7 @@ def scenario_exact(out_dir: str) -> dict:
     import copy
 
     from launch.assets import model_path
-    from learners.engine import plan_micro_batches
+    from learners.forward import plan_micro_batches
     from learners.policy import PolicyCore
     from learners.reference import ReferenceCore
 

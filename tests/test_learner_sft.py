@@ -28,7 +28,7 @@ def scenario_sft(out_dir: str) -> dict:
 
     from launch.assets import model_path
     from learners.config import LearnerConfig
-    from learners.engine import collate, response_logits, token_logprobs
+    from learners.forward import collate, response_logits, token_logprobs
     from learners.sft import SFTCore
 
     cfg = LearnerConfig(lr=2e-2, warmup_steps=2, micro_batch_tokens=24, bf16=True)

@@ -11,7 +11,7 @@ import torch
 from actors.trajectory import Trajectory
 from learners import algorithms as A
 from learners.batch import LearnerSample
-from learners.engine import pad_rows
+from learners.forward import pad_rows
 
 ALGORITHMS = A.ALGORITHMS
 

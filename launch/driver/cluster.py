@@ -38,10 +38,7 @@ class Cluster:
         c = cfg.cluster
         timeout = c.actor_start_timeout_s
         self.run_dir = run_dir
-        # The cluster group places the simulator servers; the simulator group says what they run.
-        sim_cfg = dataclasses.replace(resolve_simulator(cfg.simulator), num_servers=c.simulator_servers,
-                                      gpus_per_server=c.simulator_gpus,
-                                      tensor_parallel_size=c.simulator_tensor_parallel)
+        sim_cfg = placed_simulator(cfg)
         self.faults = FaultPlan(cfg.faults)
         self.faults_done: set[tuple[str, int]] = set()  # (fault, step): each happens once, whatever the rounds
         self.pool = None
@@ -287,8 +284,18 @@ def old_logprobs_source(cfg: Config, batch_size: int) -> str:
     return "none"
 
 
+def placed_simulator(cfg: Config):
+    """The simulator servers to start: the simulator group says what they run (its model path resolved), the cluster
+    group where and how many."""
+    c = cfg.cluster
+    return dataclasses.replace(resolve_simulator(cfg.simulator), num_servers=c.simulator_servers,
+                               gpus_per_server=c.simulator_gpus, tensor_parallel_size=c.simulator_tensor_parallel)
+
+
 def policy_engine_options(cfg: Config) -> tuple[dict, dict[str, str]]:
-    """The vLLM engine arguments and the environment of a policy ``RolloutActor``, from the model and cluster groups."""
+    """The one recipe for a policy engine, in training, evaluation and inference, from the model and cluster groups:
+    its ``AsyncEngineArgs`` keyword arguments and the environment its engine process reads at start (the CPU build's
+    KV-cache size, in GiB)."""
     c = cfg.cluster
     engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
                          gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,

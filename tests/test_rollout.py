@@ -1,0 +1,52 @@
+"""``RolloutCore`` without a vLLM engine: the episode's prompt and turns, over a real BM25 engine and tokenizer, with
+the one call to vLLM (``generate``) replaced by a scripted policy. The engine side is tested end to end in
+``tests/test_train_e2e.py``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pandas as pd
+
+from actors.episode import EpisodeConfig, Generation
+from actors.rollout import EpisodeRequest, RolloutConfig, RolloutCore
+from simulator.engines import BM25Search
+
+
+def _scripted_core(cfg: RolloutConfig, tokenizer, corpus: str, reply: str) -> tuple[RolloutCore, list[list[int]]]:
+    """A core whose policy writes ``reply`` every turn; it records the context of every generation."""
+    core = RolloutCore.__new__(RolloutCore)
+    core.cfg, core.tokenizer, core.search_engine, core.policy_version = cfg, tokenizer, BM25Search(corpus), 0
+    contexts: list[list[int]] = []
+
+    async def generate(context_ids, max_tokens, guided_regex=None, temperature=None) -> Generation:
+        contexts.append(list(context_ids))
+        ids = tokenizer.encode(reply, add_special_tokens=False)
+        return Generation(ids, [-0.5] * len(ids), "stop")
+
+    core.generate = generate
+    return core, contexts
+
+
+def test_rag_prompt_carries_one_searchs_documents_and_the_episode_is_one_turn(tokenizer, synthetic_world):
+    row = pd.read_parquet(synthetic_world["train"]).iloc[0]
+    question, gold = row["question"], tuple(row["golden_answers"])
+    request = EpisodeRequest("g0", question, gold, "synthetic", seed=1)
+    documents = asyncio.run(BM25Search(str(synthetic_world["corpus"])).search(question)).text
+    cfg = RolloutConfig(prompt="rag", episode=EpisodeConfig(max_turns=2, max_tokens_per_turn=32))
+    # A policy that asks to search again: in the RAG setting there is no second turn to search in.
+    core, contexts = _scripted_core(cfg, tokenizer, str(synthetic_world["corpus"]), "<search> more </search>")
+    trajectory = asyncio.run(core.run(request, noise_prob=0.0))
+    assert len(contexts) == 1 and trajectory.stats.searches == 0 and trajectory.reward == 0.0
+    prompt = tokenizer.decode(trajectory.prompt_ids)
+    assert "Answer the given question using the documents below" in prompt and f"Question: {question}" in prompt
+    assert documents.strip() in prompt and all(m == 1 for m in trajectory.loss_mask)  # no <information> in the response
+
+    core, contexts = _scripted_core(cfg, tokenizer, str(synthetic_world["corpus"]), f"<answer> {gold[0]} </answer>")
+    assert asyncio.run(core.run(request, noise_prob=0.0)).reward == 1.0
+
+    agent, contexts = _scripted_core(RolloutConfig(episode=EpisodeConfig(max_turns=2, max_tokens_per_turn=32)),
+                                     tokenizer, str(synthetic_world["corpus"]), "<search> more </search>")
+    trajectory = asyncio.run(agent.run(request, noise_prob=0.0))
+    assert len(contexts) == 3 and trajectory.stats.searches == 2  # the paper's prompt: search, search, then no more
+    assert "Documents:" not in tokenizer.decode(trajectory.prompt_ids)
