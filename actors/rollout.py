@@ -70,7 +70,8 @@ def single_process_engine_core() -> None:
     vLLM's CPU build otherwise forces its multiprocess executor: the engine-core process spawns a worker process, and
     each re-imports vLLM. Measured on 2 cores: start-up 20 s against 37 s (tiny-llama), and 79 against 46 tokens/s
     for SmolLM2-135M (the separate worker was bound to one core, with the other reserved for the engine core). With
-    more than one device vLLM still picks its multiprocess executor; on a GPU this is vLLM's own default.
+    more than one device vLLM still picks its multiprocess executor; on a GPU this is vLLM's own default. The one
+    process computes with ``OMP_NUM_THREADS`` threads (``cluster.rollout_cpu_threads``, in the engine's environment).
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 

@@ -4,7 +4,10 @@ The task is the one TRL is built for. Each prompt is the RAG prompt with the top
 (``rollout.prompt=rag``), the policy answers in one turn, and the reward is the paper's F1 against the gold answers.
 Both sides get the same policy (SmolLM2-135M-Instruct after this project's warm-up, so that the rewards vary), the
 same questions in the same order, group size, new tokens, sampling, learning rate, KL coefficient and steps, on this
-machine's CPU in fp32. TRL generates with ``transformers`` (its default; its vLLM modes need a CUDA device).
+machine's CPU in fp32. TRL generates with ``transformers`` ``generate``, its default backend and the one a CPU user
+gets: its vLLM modes were not tried (TRL 1.16 supports vLLM 0.22-0.31 and warns about this stack's 0.32). TRL's
+completions run to ``max_completion_length`` unless the model writes EOS; ours stop at ``</answer>``, as the
+protocol's stop strings say. ``trl_clipped_ratio`` reports how many of TRL's completions hit the limit.
 
 Each side's step time is the mean over its steps after the first (both compile and warm caches on the first), so
 start-up is left out of the ratio and reported beside it. Quality parity: the mean training reward of the last
@@ -64,6 +67,7 @@ def ours(policy: str, data_dir: Path, args, timeout_s: float) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"step_s": [r["timing_s/step"] for r in rows], "reward": [r["critic/score/mean"] for r in rows],
             "gen_s": [r["timing_s/gen"] for r in rows], "train_s": [r["timing_s/train"] for r in rows],
+            "tokens_per_sample": round(statistics.fmean(r["response_length/generated_mean"] for r in rows), 1),
             "wall_s": wall}
 
 
@@ -107,6 +111,7 @@ def trl(policy: str, data_dir: Path, args) -> dict:
         def __init__(self) -> None:
             self.times: list[float] = []
             self.rewards: list[float] = []
+            self.clipped: list[float] = []
 
         def on_step_begin(self, *_, **__) -> None:
             self.started = time.perf_counter()
@@ -117,6 +122,7 @@ def trl(policy: str, data_dir: Path, args) -> dict:
         def on_log(self, _args, _state, _control, logs=None, **__) -> None:
             if logs and "reward" in logs:
                 self.rewards.append(float(logs["reward"]))
+                self.clipped.append(float(logs.get("completions/clipped_ratio", float("nan"))))
 
     with tempfile.TemporaryDirectory() as out_dir:
         config = GRPOConfig(
@@ -131,7 +137,7 @@ def trl(policy: str, data_dir: Path, args) -> dict:
                               callbacks=[times])
         trainer.train()
         wall = time.perf_counter() - started
-    return {"step_s": times.times, "reward": times.rewards, "wall_s": wall}
+    return {"step_s": times.times, "reward": times.rewards, "clipped": times.clipped, "wall_s": wall}
 
 
 def after_first(values: list[float]) -> float:
@@ -175,6 +181,8 @@ def main() -> None:
         "ours_reward_last": round(statistics.fmean(mine["reward"][-args.last:]), 4),
         "trl_reward_last": round(statistics.fmean(peer["reward"][-args.last:]), 4) if peer["reward"] else None,
         "ours_reward": [round(r, 3) for r in mine["reward"]], "trl_reward": [round(r, 3) for r in peer["reward"]],
+        "trl_clipped_ratio": round(statistics.fmean(peer["clipped"]), 3) if peer["clipped"] else None,
+        "ours_tokens_per_sample": mine["tokens_per_sample"],
         "steps": args.steps, "samples_per_step": samples, "max_new_tokens": args.max_new_tokens, "lr": args.lr,
         "kl_coef": args.kl, "policy": "SmolLM2-135M-Instruct after the warm-up", "prompt": "RAG, top-5 BM25",
         "dtype": "float32", "device": "cpu",

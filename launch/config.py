@@ -101,6 +101,10 @@ class ClusterConfig:
         rollout_engines: vLLM policy engines, one Ray actor each.
         rollout_tensor_parallel: GPUs per policy engine (tensor parallel); 0 GPUs on CPU.
         rollout_gpus: GPUs per policy engine actor (0 on CPU).
+        rollout_cpu_threads: OpenMP threads of each CPU policy engine (``OMP_NUM_THREADS`` of its engine process);
+            0: an even share of this machine's usable cores per engine, for a command whose engines have the machine
+            to themselves (evaluation, inference). Training on CPU sets 1 (``conf/cluster/local_cpu.yaml``): the
+            engine shares the cores with the simulator server and the learner.
         learners: data-parallel DeepSpeed learner actors.
         learner_gpus: GPUs per learner actor (0 on CPU).
         simulator_servers: vLLM simulator servers in the pool.
@@ -125,6 +129,7 @@ class ClusterConfig:
     rollout_engines: int = 1
     rollout_tensor_parallel: int = 1
     rollout_gpus: float = 0
+    rollout_cpu_threads: int = 0
     learners: int = 1
     learner_gpus: float = 0
     simulator_servers: int = 1

@@ -169,6 +169,7 @@ def evaluate_policy(cfg: Config, policy: str, files: dict[str, Path], out: Path,
         data=dataclasses.replace(cfg.data, dir=str(files["test"].parent)),
         search=dataclasses.replace(cfg.search, engine="bm25", corpus_file=str(files["corpus"])),
         logger=dataclasses.replace(cfg.logger, wandb=dataclasses.replace(cfg.logger.wandb, mode="disabled")),
+        cluster=dataclasses.replace(cfg.cluster, rollout_cpu_threads=0),  # nothing trains beside the evaluation
         eval=EvalConfig(benchmarks=["synthetic"], methods=list(methods), limit=cfg.comparison.eval_limit or 10**9,
                         out_dir=str(out)))
     evaluate(eval_cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import subprocess
 import sys
 
@@ -58,15 +60,22 @@ def test_every_command_reads_the_training_groups_and_starts_its_engine_by_one_re
     overrides = ["model=tiny_llama", "model.dtype=bfloat16", "search.top_k=3", "rollout.episode.max_turns=1",
                  "cluster.vllm_cpu_kvcache_gb=2", "seed=7"]
     train, evaluate, infer = (_compose(name, overrides) for name in ("config", "evaluate", "infer"))
+    cores = len(os.sched_getaffinity(0))
     for cfg in (evaluate, infer):
-        assert (cfg.model, cfg.rollout, cfg.cluster, cfg.simulator, cfg.seed) == \
-               (train.model, train.rollout, train.cluster, train.simulator, train.seed)
+        assert (cfg.model, cfg.rollout, cfg.simulator, cfg.seed) == \
+               (train.model, train.rollout, train.simulator, train.seed)
+        # The engines of evaluation and inference have the machine to themselves: its cores, not training's one.
+        assert dataclasses.replace(cfg.cluster, rollout_cpu_threads=1) == train.cluster
         assert cfg.search.top_k == 3 and cfg.search.engine == "bm25"  # evaluation and inference search a real engine
-        assert policy_engine_options(cfg) == policy_engine_options(train)
+        kwargs, env = policy_engine_options(cfg)
+        assert kwargs == policy_engine_options(train)[0] and env["OMP_NUM_THREADS"] == str(cores)
     assert train.search.engine == "simulated"
     kwargs, env = policy_engine_options(train)
     assert kwargs == {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True,
                       "gpu_memory_utilization": 0.3, "seed": 7, "tensor_parallel_size": 1,
                       "enable_prefix_caching": True}
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "1"}
+    two = _compose("evaluate", ["cluster.rollout_engines=2"])
+    assert policy_engine_options(two)[1]["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert policy_engine_options(_compose("config", ["cluster.rollout_gpus=1"]))[1] == {}  # a GPU engine
     assert _compose("evaluate", ["search=simulated", "eval.limit=3"]).eval.limit == 3

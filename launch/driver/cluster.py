@@ -294,14 +294,22 @@ def placed_simulator(cfg: Config):
 
 def policy_engine_options(cfg: Config) -> tuple[dict, dict[str, str]]:
     """The one recipe for a policy engine, in training, evaluation and inference, from the model and cluster groups:
-    its ``AsyncEngineArgs`` keyword arguments and the environment its engine process reads at start (the CPU build's
-    KV-cache size, in GiB)."""
+    its ``AsyncEngineArgs`` keyword arguments and the environment its engine process reads at start (on CPU: the KV
+    cache's size in GiB, and the engine's OpenMP threads)."""
     c = cfg.cluster
     engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, enforce_eager=True,
                          gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
                          tensor_parallel_size=c.rollout_tensor_parallel,
                          enable_prefix_caching=cfg.rollout.enable_prefix_caching)
-    return engine_kwargs, {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb)))}
+    if c.rollout_gpus:
+        return engine_kwargs, {}
+    return engine_kwargs, {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb))),
+                           "OMP_NUM_THREADS": str(c.rollout_cpu_threads or engine_cpu_share(c.rollout_engines))}
+
+
+def engine_cpu_share(engines: int) -> int:
+    """An even share of the cores this process may use, for each of ``engines`` engines (at least one)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, engines))
 
 
 def init_ray(cfg: Config) -> None:
