@@ -35,7 +35,7 @@ def default_policy(cfg, files) -> str:
     import tempfile
 
     from launch.assets import resolve_model
-    from launch.warmup import warm_up
+    from launch.driver.warmup import warm_up
 
     path, _ = warm_up(cfg, resolve_model(cfg.model.name), files["train"], files["corpus"], Path(tempfile.mkdtemp()))
     return path

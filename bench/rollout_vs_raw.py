@@ -59,8 +59,8 @@ def main() -> None:
     from launch.assets import resolve_model
     from launch.driver.cluster import init_ray, policy_engine_options
     from launch.driver.sampler import PromptSampler, episode_requests
+    from launch.driver.warmup import warm_up
     from launch.paths import ensure_data
-    from launch.warmup import warm_up
     from simulator.simulated import build_search_engine
 
     files = ensure_data(cfg.data)

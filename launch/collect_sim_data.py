@@ -190,8 +190,8 @@ def main(dict_cfg: DictConfig) -> None:
 
     from launch.assets import resolve_policy
     from launch.driver.cluster import init_ray
+    from launch.driver.warmup import should_warm_up, warm_up
     from launch.paths import ensure_data, resolve
-    from launch.warmup import should_warm_up, warm_up
 
     cfg: Config = OmegaConf.to_object(dict_cfg)
     c = cfg.simulation.collect

@@ -210,7 +210,8 @@ class TrainConfig:
 
 @dataclass
 class WarmupConfig:
-    """The cold start of small policies: supervised fine-tuning on scripted protocol demonstrations (``launch.warmup``).
+    """The cold start of small policies: supervised fine-tuning on scripted protocol demonstrations
+    (``launch/driver/warmup.py``).
     Their searches are BM25 over the data config's corpus, ``search.top_k`` documents each, as RL will see them.
 
     ``train.warmup`` decides whether it runs: ``auto`` warms up policies with fewer than ``max_params`` parameters

@@ -94,7 +94,7 @@ def _warmed_policy(cfg: Config, files: dict[str, Path], out: Path) -> tuple[str,
 
     from launch.assets import resolve_model
     from launch.driver.cluster import init_ray
-    from launch.warmup import warm_up
+    from launch.driver.warmup import warm_up
 
     base = resolve_model(cfg.model.name)
     init_ray(cfg)

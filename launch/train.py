@@ -50,8 +50,8 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     from launch.driver.pipeline import RolloutQueue
     from launch.driver.run_logger import RunLogger
     from launch.driver.sampler import PromptSampler
+    from launch.driver.warmup import warm_up
     from launch.paths import ensure_data
-    from launch.warmup import warm_up
     from simulator.curriculum import build_curriculum
 
     _check(cfg)

@@ -95,13 +95,15 @@ def engine_kwargs(cfg: SimulatorConfig, model_path: str) -> dict[str, Any]:
 
 
 def cpu_threads_bind(cfg: SimulatorConfig, index: int, cores: list[int] | None = None) -> str:
-    """The cores of server ``index`` (``0,1``): with ``spread``, an even slice of the usable cores."""
+    """The cores of server ``index`` (``0,1``): with ``spread``, an even slice of the usable cores, or the last
+    ``cpu_threads`` of it."""
     if cfg.cpu_threads_bind != "spread":
         return cfg.cpu_threads_bind
     cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
     per_server = max(1, len(cores) // cfg.num_servers)
     start = (index * per_server) % len(cores)
-    return ",".join(str(c) for c in cores[start : start + per_server])
+    mine = cores[start : start + per_server]
+    return ",".join(str(c) for c in (mine[-cfg.cpu_threads:] if cfg.cpu_threads > 0 else mine))
 
 
 def cpu_engine_env(cfg: SimulatorConfig, index: int, cores: list[int] | None = None) -> dict[str, str]:

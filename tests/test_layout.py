@@ -107,3 +107,18 @@ def test_no_module_is_over_the_line_limit():
     long = {str(p.relative_to(REPO_ROOT)): n for package in PACKAGES for p in (REPO_ROOT / package).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"over {MAX_LINES} lines, split by role: {long}"
+
+
+def _entry_points() -> set[str]:
+    return {module_name(p) for p in (REPO_ROOT / "launch").glob("*.py") if '__name__ == "__main__"' in p.read_text()}
+
+
+def test_entry_points_do_not_import_each_other():
+    """An entry point is a command; what two commands share lives in ``launch/driver`` or below. Two exceptions:
+    ``launch.experiment``, whose arms are the other commands (training, evaluation) run in turn, and ``launch.assets``,
+    the shipped models and how a model name resolves to a folder, whose command only builds them."""
+    graph, entries = project_imports(), _entry_points()
+    assert {"launch.train", "launch.evaluate", "launch.warmup", "launch.assets"} <= entries
+    crossing = {(m, t) for m in entries - {"launch.experiment"} for t in graph[m] if t in entries - {"launch.assets"}}
+    assert not crossing, f"entry points importing entry points: {sorted(crossing)}"
+    assert not any(m.startswith("launch.driver") for m in entries), "launch/driver holds no entry point"

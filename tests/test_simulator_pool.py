@@ -235,6 +235,9 @@ def test_server_sampling_defaults_overrides_and_cpu_binding():
     assert cpu_threads_bind(SimulatorConfig(model="m"), 0, cores=[0, 1]) == "0,1"
     assert cpu_threads_bind(SimulatorConfig(model="m", num_servers=3), 2, cores=[0, 1]) == "0"
     assert cpu_threads_bind(SimulatorConfig(model="m", cpu_threads_bind="auto"), 0) == "auto"
+    one_each = SimulatorConfig(model="m", num_servers=2, cpu_threads=1)
+    assert [cpu_threads_bind(one_each, i, cores=[0, 1, 2, 3]) for i in range(2)] == ["1", "3"]
+    assert cpu_threads_bind(SimulatorConfig(model="m", cpu_threads=1), 0, cores=[0, 1]) == "1"
 
 
 def test_cpu_engine_env_binds_one_engine_process_to_the_servers_cores():

@@ -122,7 +122,7 @@ def test_the_decision_token_is_the_one_that_writes_answer_after_the_observation(
 
 @pytest.mark.parametrize("share, siblings", [(0.0, 0), (0.25, 4), (0.5, 12)])
 def test_search_again_siblings_train_only_the_choice_to_search(single_hop, bm25, tokenizer, share, siblings):
-    from launch.warmup import demonstration_samples
+    from launch.driver.warmup import demonstration_samples
 
     demos = [_demo(x, bm25, tokenizer) for x in single_hop[:12]]
     samples = demonstration_samples(demos, tokenizer, search_again_share=share)
@@ -158,7 +158,7 @@ def test_warm_up_lowers_the_sft_loss_and_exports_a_loadable_policy(ray_local, ti
                                                                     tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from launch.warmup import warm_up
+    from launch.driver.warmup import warm_up
 
     monkeypatch.setenv("ZEROSEARCH_RAY_MODELS", str(tmp_path / "models"))  # the cache of warmed policies
     cfg = _warmup_config(tmp_path)
@@ -184,7 +184,7 @@ def test_warm_up_lowers_the_sft_loss_and_exports_a_loadable_policy(ray_local, ti
 
 
 def test_warmup_mode_is_checked(tiny_llama_path):
-    from launch.warmup import should_warm_up
+    from launch.driver.warmup import should_warm_up
 
     assert should_warm_up("auto", str(tiny_llama_path), 1e9)
     assert not should_warm_up("auto", str(tiny_llama_path), 1e3)  # tiny-llama has ~3.2M parameters
@@ -194,7 +194,7 @@ def test_warmup_mode_is_checked(tiny_llama_path):
 
 
 def test_a_turn_budget_too_small_for_the_expert_is_named(synthetic_world, tiny_llama_path, tmp_path):
-    from launch.warmup import write_demonstrations
+    from launch.driver.warmup import write_demonstrations
 
     cfg = _warmup_config(tmp_path)
     cfg.rollout.episode.max_tokens_per_turn = 12
