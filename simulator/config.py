@@ -42,8 +42,8 @@ class SimulatorConfig:
             server's actor.
         cpu_threads: with ``spread``, the cores each server takes from the end of its slice; 0: the whole slice. The
             CPU default is 1: on 2 cores the server computes on the last one and leaves the first to the policy
-            engine's one thread. Measured in ``make train``: a median of 4.1 s per simulated search against 9.5 s
-            with both cores (where the server's threads and the engine's contended), at twice the tokens.
+            engine's one thread. Measured in ``make train``: a median of 4.1–4.8 s per simulated search against
+            9.0–9.5 s with both cores, where the server's threads and the engine's contended.
         seed: the engine's sampling seed, so a run's simulator outputs are reproducible for a fixed request order.
         request_timeout_s: limit of one generation attempt on one server. A hung server costs at most this much.
         max_attempts: attempts per call, each on a different live server when there is one; after the last failure
