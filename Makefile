@@ -69,6 +69,8 @@ PEER_STAMP := $(VENV)/.peer-stamp
 
 $(PEER_STAMP): $(STAMP)
 	$(PIP) install --quiet -e '.[cpu,dev,peer]'
+	$(PIP) uninstall --quiet -y $(CUDA_ONLY_PACKAGES) 2>/dev/null || true
+	$(PY) -c "import transformers, trl"
 	touch $(PEER_STAMP)
 
 bench: setup $(PEER_STAMP)

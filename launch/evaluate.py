@@ -112,10 +112,11 @@ def evaluate(cfg: Config) -> dict[str, Any]:
 
     init_ray(cfg)
     try:
-        pool, sim_cfg = None, placed_simulator(cfg)
+        pool, sim_cfg = None, cfg.simulator
         if cfg.search.engine == "simulated":
             from simulator.pool_actor import create_simulator_pool
 
+            sim_cfg = placed_simulator(cfg)
             pool = create_simulator_pool(sim_cfg)
         factory = functools.partial(build_search_engine, cfg.search, sim_cfg, pool,
                                     str(corpus) if corpus.is_file() else None)
