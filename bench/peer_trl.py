@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -135,7 +136,8 @@ def trl(policy: str, data_dir: Path, args) -> dict:
         started = time.perf_counter()
         trainer = GRPOTrainer(model=policy, reward_funcs=f1_reward, args=config, train_dataset=dataset,
                               callbacks=[times])
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs; stdout is this script's one JSON object
+            trainer.train()
         wall = time.perf_counter() - started
     return {"step_s": times.times, "reward": times.rewards, "clipped": times.clipped, "wall_s": wall}
 
