@@ -17,7 +17,8 @@ EVAL_METHODS = ("direct", "rag", "agent")
 class EvalConfig:
     """An evaluation (``python -m launch.evaluate``). The policy is ``model.name`` (an asset name, HF folder, hub id,
     or a training run folder: its newest ``checkpoints/step_*/hf``), searching ``search`` with training's episode
-    limits (``rollout.episode``), greedily, on ``cluster.rollout_engines`` engines.
+    limits (``rollout.episode``), greedily, on ``cluster.rollout_engines`` engines. The results go to the run folder,
+    ``logger.run_dir``, as training's do.
 
     Attributes:
         benchmarks: names to evaluate (``nq`` … ``bamboogle``, ``synthetic``); empty: every benchmark found in
@@ -26,14 +27,12 @@ class EvalConfig:
         methods: any of ``direct`` (no search), ``rag`` (one search for the question, in the prompt), ``agent`` (the
             paper's prompt: the policy searches as it decides).
         limit: questions per benchmark, the first ones in file order (the paper: 500).
-        out_dir: where the results go; empty: Hydra's run folder (``hydra.run.dir``).
         timeout_s: bound on each method's whole pass over one benchmark.
     """
 
     benchmarks: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS))
     limit: int = 500
-    out_dir: str = ""
     timeout_s: float = 3600.0
 
 

@@ -15,7 +15,7 @@ override means what it means for training: ``model.*``, ``data.*``, ``search=...
 ``rollout.episode.*``, ``cluster.*``, ``seed``; the evaluation's own keys are ``eval.*`` (``EvalConfig``). The policy
 (``model.name``) is an asset name, an HF folder or hub id, or a training run folder (its newest HF export is used).
 ``data.dir`` is searched for the benchmarks by name (``launch/benchmarks.py``); the default is the synthetic world,
-whose test split is the benchmark ``synthetic``. The tables go to the output folder as ``results.md``,
+whose test split is the benchmark ``synthetic``. The tables go to the run folder (``logger.run_dir``) as ``results.md``,
 ``results.csv`` and ``results.json``, every answer to ``records.jsonl``, and to W&B (``logger.wandb.mode``).
 """
 
@@ -91,7 +91,7 @@ def check_engine(engine: str, corpus: Path, url: str, timeout_s: float = 10.0) -
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Every method of ``cfg.eval`` on every benchmark, greedily, with the policy ``cfg.model.name``; the results
-    by method, also written to ``cfg.eval.out_dir``."""
+    by method, also written to the run folder ``cfg.logger.run_dir``."""
     import ray
 
     from actors.evaluation import EvalRecord, flat_rows, markdown_table, summarize
@@ -107,7 +107,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     policy = resolve_policy(cfg.model.name)
     _, benchmarks, corpus = _benchmarks(cfg)
     check_engine(cfg.search.engine, corpus, cfg.search.url)
-    out = Path(cfg.eval.out_dir or _hydra_run_dir())
+    out = Path(cfg.logger.run_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     init_ray(cfg)
@@ -177,14 +177,6 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         run.finish()
     print(header + tables, flush=True)
     return results
-
-
-def _hydra_run_dir() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        raise ValueError("eval.out_dir is empty and no Hydra run folder exists: set eval.out_dir")
-    return HydraConfig.get().runtime.output_dir
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

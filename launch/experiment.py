@@ -168,10 +168,10 @@ def evaluate_policy(cfg: Config, policy: str, files: dict[str, Path], out: Path,
         cfg, model=dataclasses.replace(cfg.model, name=policy),
         data=dataclasses.replace(cfg.data, dir=str(files["test"].parent)),
         search=dataclasses.replace(cfg.search, engine="bm25", corpus_file=str(files["corpus"])),
-        logger=dataclasses.replace(cfg.logger, wandb=dataclasses.replace(cfg.logger.wandb, mode="disabled")),
+        logger=dataclasses.replace(cfg.logger, run_dir=str(out),
+                                   wandb=dataclasses.replace(cfg.logger.wandb, mode="disabled")),
         cluster=dataclasses.replace(cfg.cluster, rollout_cpu_threads=0),  # nothing trains beside the evaluation
-        eval=EvalConfig(benchmarks=["synthetic"], methods=list(methods), limit=cfg.comparison.eval_limit or 10**9,
-                        out_dir=str(out)))
+        eval=EvalConfig(benchmarks=["synthetic"], methods=list(methods), limit=cfg.comparison.eval_limit or 10**9))
     evaluate(eval_cfg)
     hops = {e.uid: e.data_source for e in load_qa(files["test"])}
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]

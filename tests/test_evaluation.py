@@ -93,7 +93,7 @@ def test_harness_runs_direct_rag_and_agent_on_the_synthetic_test_split(tmp_path)
     out = tmp_path / "eval"
     # Two engines: the questions are split 2 + 1 between them and must come back in order, each to its own record.
     cmd = [sys.executable, "-m", "launch.evaluate", "model=tiny_llama", "eval.limit=3", "cluster.rollout_engines=2",
-           "rollout.episode.max_tokens_per_turn=16", "logger.wandb.mode=offline", f"eval.out_dir={out}",
+           "rollout.episode.max_tokens_per_turn=16", "logger.wandb.mode=offline", f"logger.run_dir={out}",
            f"hydra.run.dir={tmp_path / 'hydra'}"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
