@@ -71,14 +71,19 @@ def _as_question(question: str) -> str:
     return question if question.endswith("?") else question + "?"
 
 
-def baseline_prompt_token_ids(question: str, tokenizer: Any, documents: str | None = None,
-                              max_prompt_tokens: int | None = None) -> list[int]:
-    """The Direct prompt, or the RAG prompt when ``documents`` are given, as token ids (chat template applied)."""
+def baseline_prompt(question: str, tokenizer: Any, documents: str | None = None) -> str:
+    """The Direct prompt, or the RAG prompt when ``documents`` are given, as text (chat template applied)."""
     if documents is None:
         content = DIRECT_TEMPLATE.format(question=_as_question(question))
     else:
         content = RAG_TEMPLATE.format(question=_as_question(question), documents=documents.strip())
-    ids = _encode(tokenizer, render_prompt([{"role": "user", "content": content}], tokenizer))
+    return render_prompt([{"role": "user", "content": content}], tokenizer)
+
+
+def baseline_prompt_token_ids(question: str, tokenizer: Any, documents: str | None = None,
+                              max_prompt_tokens: int | None = None) -> list[int]:
+    """``baseline_prompt`` as token ids, left-truncated to ``max_prompt_tokens``."""
+    ids = _encode(tokenizer, baseline_prompt(question, tokenizer, documents))
     return ids[-max_prompt_tokens:] if max_prompt_tokens else ids
 
 

@@ -78,7 +78,7 @@ def rag_prompts(data_dir: Path, policy: str, count: int) -> tuple[list[str], lis
     from transformers import AutoTokenizer
 
     from actors.dataset import load_qa
-    from actors.protocol import RAG_TEMPLATE, _as_question, render_prompt
+    from actors.protocol import baseline_prompt
     from simulator.engines import BM25Search
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -86,9 +86,7 @@ def rag_prompts(data_dir: Path, policy: str, count: int) -> tuple[list[str], lis
     examples = load_qa(str(data_dir / "train.parquet"))[:count]
     prompts = []
     for e in examples:
-        documents = asyncio.run(search.search(e.question)).text
-        content = RAG_TEMPLATE.format(question=_as_question(e.question), documents=documents.strip())
-        prompts.append(render_prompt([{"role": "user", "content": content}], tokenizer))
+        prompts.append(baseline_prompt(e.question, tokenizer, asyncio.run(search.search(e.question)).text))
     return prompts, [list(e.golden_answers) for e in examples]
 
 
