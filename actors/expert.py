@@ -47,7 +47,16 @@ ANSWER_THOUGHTS = (
     "I found what the question asks for in the results.",
     "The search results contain the answer.",
 )
+EVIDENCE_THOUGHTS = (
+    "The documents say: {evidence}",
+    "I read that {evidence}",
+    "According to the results, {evidence}",
+    "The information says: {evidence}",
+)
+EVIDENCE_MAX_WORDS = 40
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_DOC_HEAD = re.compile(r"^Doc \d+:\s*")
 _INFORMATION = re.compile(re.escape(OBSERVATION_HEAD.strip()) + r"(.*?)" + re.escape(OBSERVATION_TAIL.strip()),
                           re.DOTALL)
 
@@ -123,6 +132,17 @@ def information_text(response_text: str) -> str:
     return "\n".join(_INFORMATION.findall(response_text))
 
 
+def evidence_sentence(information: str, golden_answers: tuple[str, ...]) -> str | None:
+    """The first sentence of the retrieved documents that contains a gold answer, without its ``Doc k:`` head and cut
+    to ``EVIDENCE_MAX_WORDS`` words; None when no sentence does."""
+    for line in information.splitlines():
+        for sentence in _SENTENCE_END.split(_DOC_HEAD.sub("", line.strip())):
+            if sentence and substring_match(sentence, golden_answers):
+                words = sentence.split()
+                return " ".join(words[:EVIDENCE_MAX_WORDS])
+    return None
+
+
 async def write_demonstration(
     question: str,
     golden_answers: tuple[str, ...],
@@ -132,21 +152,29 @@ async def write_demonstration(
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
     by_name: bool = False,
+    cite_evidence: bool = False,
 ) -> Demonstration:
     """One demonstration: the expert searches the question, reads the real result, and answers with the gold answer.
     ``seed`` picks the phrasing of its two thoughts. ``by_name``: the query is the name the question is about
-    (``entity_query``) instead of the whole question."""
+    (``entity_query``) instead of the whole question. ``cite_evidence``: the answering thought quotes the retrieved
+    sentence that holds the answer (``evidence_sentence``) instead of saying only that the results hold it."""
     k = 0 if seed is None else seed
     search_thought = SEARCH_THOUGHTS[k % len(SEARCH_THOUGHTS)].format(topic=_topic(question))
-    answer_thought = ANSWER_THOUGHTS[(k // len(SEARCH_THOUGHTS)) % len(ANSWER_THOUGHTS)]
     query = (entity_query(question) if by_name else None) or expert_query(question)
-    turns = [SEARCH_TURN.format(thought=search_thought, query=query),
-             ANSWER_TURN.format(thought=answer_thought, answer=golden_answers[0])]
     written = 0
+
+    def answer_thought(context_ids: list[int]) -> str:
+        pick = (k // len(SEARCH_THOUGHTS)) % len(ANSWER_THOUGHTS)
+        evidence = cite_evidence and evidence_sentence(
+            information_text(tokenizer.decode(context_ids, skip_special_tokens=True)), golden_answers)
+        return EVIDENCE_THOUGHTS[pick].format(evidence=evidence) if evidence else ANSWER_THOUGHTS[pick]
 
     async def generate(context_ids: list[int], budget: int) -> Generation:
         nonlocal written
-        text = turns[min(written, len(turns) - 1)]
+        if written == 0:
+            text = SEARCH_TURN.format(thought=search_thought, query=query)
+        else:
+            text = ANSWER_TURN.format(thought=answer_thought(context_ids), answer=golden_answers[0])
         written += 1
         ids = list(tokenizer.encode(text, add_special_tokens=False))[:budget]
         return Generation(ids, [0.0] * len(ids), "stop")

@@ -239,6 +239,9 @@ class WarmupConfig:
         name_query_share: share of the demonstrations whose query is the name the question is about ("Tavo Merin")
             instead of the whole question. Still one search on the question; what it shows is that a query can be a
             name, so that a second query may name what the first results mentioned.
+        cite_evidence: the answering thought quotes the retrieved sentence that holds the answer ("I read that Tavo
+            Merin works for Dravik Group.") instead of a stock phrase. It teaches reading the information, and it puts
+            the names the first results mention into the policy's own words, where a second query can pick them up.
     """
 
     demonstrations: int = 128
@@ -252,6 +255,7 @@ class WarmupConfig:
     seed: int = 0
     search_again_share: float = 0.0
     name_query_share: float = 0.0
+    cite_evidence: bool = False
 
 
 @dataclass

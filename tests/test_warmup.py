@@ -101,6 +101,33 @@ def test_a_search_by_name_is_still_one_search_about_the_question_and_is_grounded
     assert sum(d.grounded for d in demos) >= 16  # BM25 on the name alone finds the fact as well
 
 
+def test_the_evidence_is_the_first_retrieved_sentence_that_holds_the_answer():
+    from actors.expert import evidence_sentence
+
+    information = ("Doc 1: Tavo Merin Tavo Merin is a painter. He was born in 1950 in the city of Thilgourdun.\n"
+                   "Doc 2: Thilgourdun The Vunthax River flows through Thilgourdun, which grew up along its banks.")
+    assert evidence_sentence(information, ("Thilgourdun",)) == "He was born in 1950 in the city of Thilgourdun."
+    assert evidence_sentence(information, ("vunthax river",)) == ("Thilgourdun The Vunthax River flows through "
+                                                                  "Thilgourdun, which grew up along its banks.")
+    assert evidence_sentence(information, ("Dravik Group",)) is None
+    assert len(evidence_sentence("Doc 1: " + "word " * 60 + "Paris.", ("Paris",)).split()) == 40
+
+
+def test_a_demonstration_that_cites_evidence_quotes_what_it_read_before_answering(single_hop, bm25, tokenizer):
+    from actors.expert import EVIDENCE_THOUGHTS, evidence_sentence
+
+    cfg = EpisodeConfig(max_obs_tokens=400)
+    for x in single_hop[:8]:
+        demo = asyncio.run(write_demonstration(x.question, x.golden_answers, bm25, tokenizer, cfg, seed=1,
+                                               cite_evidence=True))
+        evidence = evidence_sentence(information_text(demo.response_text), x.golden_answers)
+        last_turn = demo.response_text.split(OBSERVATION_TAIL.strip())[-1]
+        assert demo.grounded and evidence and x.golden_answers[0] in evidence
+        assert EVIDENCE_THOUGHTS[0].format(evidence=evidence) in last_turn  # seed 1 picks the first phrasing
+        assert demo.response_text.count("<search>") == 1
+        assert last_turn.strip().endswith(f"<answer> {x.golden_answers[0]} </answer>")
+
+
 def test_most_single_hop_demonstrations_are_grounded(single_hop, bm25, tokenizer):
     demos = [_demo(x, bm25, tokenizer) for x in single_hop[:40]]
     assert sum(d.grounded for d in demos) >= 36  # measured: 40 of 40 with top 3 on this world

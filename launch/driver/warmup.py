@@ -52,13 +52,14 @@ def should_warm_up(mode: str, model_path: str, max_params: float) -> bool:
 
 
 async def _write_all(examples, engine, tokenizer, episode_cfg, max_prompt_tokens: int, name_query_share: float,
-                     seed: int):
+                     cite_evidence: bool, seed: int):
     from actors.expert import write_demonstration
 
     by_name = random.Random(seed)
     return await asyncio.gather(*[
         write_demonstration(x.question, x.golden_answers, engine, tokenizer, episode_cfg, seed=i,
-                            max_prompt_tokens=max_prompt_tokens, by_name=by_name.random() < name_query_share)
+                            max_prompt_tokens=max_prompt_tokens, by_name=by_name.random() < name_query_share,
+                            cite_evidence=cite_evidence)
         for i, x in enumerate(examples)
     ])
 
@@ -81,7 +82,7 @@ def write_demonstrations(cfg: Config, policy_path: str, train_file: Path, corpus
     for start in range(0, len(examples), 4 * w.demonstrations):
         chunk = examples[start:start + 4 * w.demonstrations]
         demos = asyncio.run(_write_all(chunk, engine, tokenizer, episode_cfg, cfg.rollout.max_prompt_tokens,
-                                       w.name_query_share, w.seed + start))
+                                       w.name_query_share, w.cite_evidence, w.seed + start))
         written += len(demos)
         kept.extend(d for d in demos if d.grounded)
         if len(kept) >= w.demonstrations:
