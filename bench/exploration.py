@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--two-hop", type=int, default=24)
     parser.add_argument("--single-hop", type=int, default=8)
     parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument("--show", type=int, default=0, help="write this many episodes of each hop count to stderr")
     parser.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     args = parser.parse_args()
 
@@ -116,6 +117,10 @@ def main() -> None:
         ray.shutdown()
 
     rows = {source: episode_row(ts, source.endswith("2hop")) for source, ts in sorted(by_source.items())}
+    for source, ts in sorted(by_source.items()):
+        for t in ts[:args.show]:
+            print(f"--- {source} reward {t.reward:.2f} gold {t.golden_answers}\n{t.response_text}\n",
+                  file=sys.stderr)
     two_hop = next((r for s, r in rows.items() if s.endswith("2hop")), {"second_search_share": 0.0})
     print(json.dumps({"bench": "exploration", "ratio": two_hop["second_search_share"], "goal": 0.1,
                       "model": model, "temperature": args.temperature, "group_size": args.group_size,

@@ -29,6 +29,10 @@ class SimulatorConfig:
             ``launch.train`` the cluster group (``cluster.simulator_servers``, ``simulator_gpus``,
             ``simulator_tensor_parallel``) sets this, ``gpus_per_server`` and ``tensor_parallel_size``.
         cpus_per_server, gpus_per_server: Ray resources of each server actor (0 GPUs on CPU machines).
+        placement_resource: a custom Ray resource that marks the nodes meant for simulation (``ray start
+            --resources='{"simulator": 1}'``); each server then asks for a sliver of it, so it starts on one of those
+            nodes. Empty: anywhere. A preference, not a promise: a server restarted when no live node offers the
+            resource any more (the node was lost) starts wherever the cluster has room, and the pool logs it.
         tensor_parallel_size: vLLM tensor parallelism inside one server (GPU only).
         max_model_len: vLLM context limit; the prompt-mode prompt is ~500 tokens plus ``max_tokens`` new ones.
         dtype, enforce_eager, gpu_memory_utilization: vLLM engine options (0.3 and eager suit the CPU build).
@@ -66,6 +70,7 @@ class SimulatorConfig:
     num_servers: int = 1
     cpus_per_server: float = 1.0
     gpus_per_server: float = 0.0
+    placement_resource: str = ""
     tensor_parallel_size: int = 1
     max_model_len: int = 2048
     dtype: str = "bfloat16"

@@ -61,6 +61,7 @@ class _Slot:
     failures: int = 0
     restarts: int = 0
     restart_task: asyncio.Task | None = field(default=None, repr=False)
+    restart_handle: Any = field(default=None, repr=False)  # the server a restart is waiting on
 
 
 class _LRU:
@@ -107,6 +108,7 @@ class SimulatorPool:
         make_server: Callable[[int], Any] | None = None,
         kill_server: Callable[[Any], None] | None = None,
         faults: ReplyFaults | None = None,
+        stranded: Callable[[Any], bool] | None = None,
     ) -> None:
         if not handles:
             raise ValueError("SimulatorPool needs at least one server")
@@ -114,6 +116,7 @@ class SimulatorPool:
         self.slots = [_Slot(index=i, handle=h) for i, h in enumerate(handles)]
         self.make_server = make_server
         self.kill_server = kill_server
+        self.stranded = stranded  # a new server that can never be placed (its node was lost): start another
         self.cache = _LRU(cfg.cache_size) if cfg.cache_size > 0 else None
         self.latencies: deque[float] = deque(maxlen=cfg.latency_window)
         self.counters = {"calls": 0, "ok": 0, "failures": 0, "cache_hits": 0, "tokens": 0, "prompt_tokens": 0,
@@ -288,15 +291,29 @@ class SimulatorPool:
             self.counters["restart_failures"] += 1
             logger.error("could not create simulator server %d: %s", slot.index, error)
             return
-        if await self._healthy(new, timeout=self.cfg.startup_timeout_s):
-            slot.handle, slot.alive = new, True
+        if await self._started(slot, new):
+            slot.handle, slot.alive = slot.restart_handle, True
             slot.restarts += 1
             self.counters["restarts"] += 1
             logger.warning("simulator server %d restarted", slot.index)
         else:
             self.counters["restart_failures"] += 1
-            slot.handle = new  # dead or stuck: the next health check kills it and tries again
+            slot.handle = slot.restart_handle  # dead or stuck: the next health check kills it and tries again
             logger.error("restarted simulator server %d did not become healthy", slot.index)
+
+    async def _started(self, slot: _Slot, new: Any) -> bool:
+        """Wait, up to ``startup_timeout_s``, for a restarted server to answer its health check. One waiting for a
+        node the cluster has lost is replaced by one placed anew (``stranded``) rather than waited on to the end."""
+        slot.restart_handle = new
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if await self._healthy(slot.restart_handle, timeout=min(left, self.cfg.health_timeout_s)):
+                return True
+            if self.stranded is not None and self.kill_server is not None and self.stranded(slot.restart_handle):
+                logger.warning("simulator server %d was waiting for a lost node; placing it again", slot.index)
+                self.kill_server(slot.restart_handle)
+                slot.restart_handle = self.make_server(slot.index)
+        return False
 
     async def check_health(self) -> dict[int, bool]:
         """Check every live server, restart the ones that fail, and retry restarts that failed before."""

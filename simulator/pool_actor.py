@@ -7,20 +7,25 @@ The routing itself is the pure asyncio core in ``simulator/pool.py``; this modul
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Hashable
 from typing import Any
 
 from simulator.config import SimulatorConfig
 from simulator.faults import ReplyFaults
 from simulator.pool import SimulatorPool
+from simulator.server import live_nodes_offering
+
+logger = logging.getLogger(__name__)
 
 
 class RayServerHandle:
     """A server actor as the pool sees it. A cancelled call (timeout) also cancels the actor task, which aborts the
     vLLM request, so abandoned requests do not keep using the server."""
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, pinned: bool = False) -> None:
         self.actor = actor
+        self.pinned = pinned  # it asked for the config's placement resource
 
     async def generate(self, prompt: Any, sampling: dict[str, Any] | None) -> dict[str, Any]:
         import ray
@@ -54,13 +59,23 @@ class SimulatorPoolActor:
             make_server=self._make,
             kill_server=self._kill,
             faults=faults,
+            stranded=self._stranded,
         )
         self._health_task: asyncio.Task | None = None
 
     def _make(self, index: int) -> RayServerHandle:
+        """A new server, on a simulation node while a live one is left (``SimulatorConfig.placement_resource``)."""
         from simulator.server import start_server
 
-        return RayServerHandle(start_server(self.cfg, index, self.server_cls))
+        pinned = bool(self.cfg.placement_resource) and bool(live_nodes_offering(self.cfg.placement_resource))
+        if self.cfg.placement_resource and not pinned:
+            logger.warning("no live node offers %r any more: simulator server %d starts wherever the cluster has "
+                           "room", self.cfg.placement_resource, index)
+        return RayServerHandle(start_server(self.cfg, index, self.server_cls, pinned=pinned), pinned)
+
+    def _stranded(self, handle: RayServerHandle) -> bool:
+        """A server waiting for a simulation node that the cluster no longer has: it would never start."""
+        return handle.pinned and not live_nodes_offering(self.cfg.placement_resource)
 
     @staticmethod
     def _kill(handle: RayServerHandle) -> None:
@@ -84,7 +99,9 @@ class SimulatorPoolActor:
         return await self.pool.check_health()
 
     async def stats(self) -> dict[str, Any]:
-        return self.pool.stats()
+        import ray
+
+        return {**self.pool.stats(), "router_node": ray.get_runtime_context().get_node_id()}
 
     async def arm_kill(self, index: int) -> None:
         self.pool.arm_kill(index)
@@ -114,8 +131,16 @@ def create_simulator_pool(
     The pool actor takes no CPU of its own (it only routes), so it never competes with the servers for a slot.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    options = {"num_cpus": 0, "max_concurrency": 10_000, "name": name}
+    if cfg.placement_resource and not live_nodes_offering(cfg.placement_resource):
+        raise ValueError(f"simulator.placement_resource={cfg.placement_resource!r}: no live node of the cluster "
+                         f"offers it; start the simulation nodes with `ray start --resources="
+                         f"'{{\"{cfg.placement_resource}\": 1}}'`, or leave the key empty")
+    # The router lives on the node that starts it (the driver's): a lost simulation node must take its servers with
+    # it, not the pool.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    options = {"num_cpus": 0, "max_concurrency": 10_000, "name": name, "scheduling_strategy": here}
     actor = ray.remote(SimulatorPoolActor).options(**options).remote(cfg, server_cls, faults)
     if wait:
         ray.get(actor.ready.remote(), timeout=cfg.startup_timeout_s + 60)

@@ -188,24 +188,39 @@ class SimulatorServer:
     async def health(self) -> dict[str, Any]:
         """Raises when the engine is dead (vLLM's own check), so a health call that fails or times out means restart."""
         await self.engine.check_health()
+        import ray
+
         return {"index": self.index, "model": self.cfg.model, "requests": self.requests, "pid": os.getpid(),
-                "uptime_s": time.time() - self.started_at}
+                "node_id": ray.get_runtime_context().get_node_id(), "uptime_s": time.time() - self.started_at}
 
     def shutdown(self) -> None:
         self.engine.shutdown()
 
 
-def start_server(cfg: SimulatorConfig, index: int = 0, server_cls: type = SimulatorServer):
+PLACEMENT_SLIVER = 0.001  # of ``placement_resource`` per server: any number of servers fit on a node that offers 1
+
+
+def start_server(cfg: SimulatorConfig, index: int = 0, server_cls: type = SimulatorServer, pinned: bool = True):
     """Create one server actor with the resources the config asks for. Returns the actor handle at once.
 
     ``server_cls`` is the actor body; tests pass stand-ins here (a server that never answers) to test the pool above.
+    ``pinned``: ask for ``cfg.placement_resource`` (when set), so that the server starts on a simulation node.
     """
     import ray
 
     actor_cls = ray.remote(server_cls)
+    resources = {cfg.placement_resource: PLACEMENT_SLIVER} if pinned and cfg.placement_resource else None
     return actor_cls.options(
         num_cpus=cfg.cpus_per_server,
         num_gpus=cfg.gpus_per_server * max(1, cfg.tensor_parallel_size),
+        resources=resources,
         max_concurrency=1000,
         max_restarts=0,  # the pool restarts servers itself, and counts it
     ).remote(cfg, index)
+
+
+def live_nodes_offering(resource: str) -> list[str]:
+    """The ids of the live nodes of the cluster that offer ``resource``."""
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0]

@@ -64,6 +64,9 @@ CASES: dict[str, tuple[list[str], list[str], str | None]] = {
     "train-model-folder-without-config": (TRAIN + WORLD + ["model.name={tmp}"], ["config.json"], None),
     "train-simulator-model-missing": (TRAIN + WORLD + ["simulator.model=/no/such/simulator"],
                                       ["no model at", "/no/such/simulator"], None),
+    "train-simulator-placement-resource-nowhere": (TRAIN + WORLD + ["simulator.placement_resource=simulator_node"],
+                                                   ["simulator.placement_resource='simulator_node'", "no live node",
+                                                    "ray start --resources"], None),
     # Data files
     "train-corpus-corrupt-line": (TRAIN + BAD, ["corpus.jsonl:2", "JSON"], "corrupt_corpus_line"),
     "train-corpus-empty": (TRAIN + BAD, ["corpus.jsonl", "no documents"], "empty_corpus"),

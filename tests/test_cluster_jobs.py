@@ -63,11 +63,13 @@ class LocalCluster:
     """``ray start --head --block`` in a session of its own; every process it starts inherits a unique marker in its
     environment (job drivers run in sessions of their own, so a process group would miss them)."""
 
-    def __init__(self, num_cpus: int = 4) -> None:
+    def __init__(self, num_cpus: int = 4, env: dict[str, str] | None = None) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit 107 bytes
+        self.nodes: list[tuple[subprocess.Popen, str]] = []  # worker nodes: `ray start --address`, and their marker
         gcs, dashboard, client, agent_listen, agent_grpc, metrics, runtime_env, node_manager, object_manager = \
             _free_ports(9)
         self.dashboard_url = f"http://127.0.0.1:{dashboard}"
+        self.gcs_address = f"127.0.0.1:{gcs}"
         self.marker = f"ZEROSEARCH_RAY_TEST_CLUSTER={uuid.uuid4().hex}"
         env = {**os.environ, self.marker.split("=")[0]: self.marker.split("=")[1],
                # `python` in a job's entrypoint is this interpreter, as on a cluster set up with `make setup`
@@ -75,7 +77,7 @@ class LocalCluster:
                "RAY_USAGE_STATS_ENABLED": "0",
                # Ray authenticates clients by token; one of its own keeps the test clear of any token in the home
                # folder, and the CLI calls and the job's driver get it from this environment.
-               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), **(env or {})}
         cmd = [RAY, "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
                f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
@@ -98,6 +100,38 @@ class LocalCluster:
             time.sleep(2)
         raise TimeoutError(f"the job server did not answer within {timeout}s: {self.log_tail()}")
 
+    def add_node(self, num_cpus: int, resources: dict[str, float]) -> str:
+        """A second node on this machine (``ray start --address --block``, its own ports and marker); returns the
+        marker, which ``kill_node`` uses to take the node away."""
+        agent_listen, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(6)
+        marker = f"ZEROSEARCH_RAY_TEST_NODE={uuid.uuid4().hex}"
+        env = {**self.env, marker.split("=")[0]: marker.split("=")[1]}
+        cmd = [RAY, "start", f"--address={self.gcs_address}", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               f"--resources={json.dumps(resources)}", f"--dashboard-agent-listen-port={agent_listen}",
+               f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+               f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={node_manager}",
+               f"--object-manager-port={object_manager}", "--object-store-memory=300000000", "--disable-usage-stats"]
+        proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append((proc, marker))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # joined once the cluster's resources list the node's own
+            assert proc.poll() is None, f"ray start --address exited: {self.log_tail()}"
+            status = self.ray("status", f"--address={self.gcs_address}", timeout=60)
+            if all(name in status.stdout for name in resources):
+                return marker
+            time.sleep(1)
+        raise TimeoutError(f"the second node did not join within 120s: {self.log_tail()}")
+
+    def kill_node(self, marker: str) -> int:
+        """SIGKILL every process of one worker node, as a machine that lost power; returns how many there were."""
+        pids = _processes_with(marker.encode())
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(pids)
+
     def ray(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([RAY, *args], cwd=REPO_ROOT, env=self.env, capture_output=True, text=True,
                               timeout=timeout)
@@ -107,6 +141,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         """``ray start --block`` stops its cluster on SIGTERM (in seconds); whatever outlives it is killed."""
+        for _, node_marker in self.nodes:
+            self.kill_node(node_marker)
         marker = self.marker.encode()
         for pids, sig, grace in (([self.proc.pid], signal.SIGTERM, 30.0), (None, signal.SIGKILL, 5.0)):
             for pid in pids or [self.proc.pid, *_processes_with(marker)]:

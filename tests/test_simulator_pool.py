@@ -165,6 +165,42 @@ def test_a_dead_server_is_restarted_once_and_used_again():
     assert any(r["server"] == 0 for r in later) and made[0].prompts
 
 
+class NeverPlaced(FakeServer):
+    """A server waiting for a node that is gone: its health check never returns."""
+
+    async def health(self):
+        await asyncio.Event().wait()
+
+
+def test_a_restart_waiting_for_a_lost_node_is_placed_again_instead_of_waited_on():
+    async def main():
+        made, killed = [], []
+
+        def make_server(index: int) -> FakeServer:
+            # The first replacement still asks for the lost simulation node; the second is placed anywhere.
+            made.append(NeverPlaced("pinned") if not made else FakeServer(f"anywhere{index}"))
+            return made[-1]
+
+        dead = FakeServer("dead", fail=ServerDead("node lost"))
+        dead.healthy = False
+        pool = SimulatorPool(_cfg(num_servers=1, startup_timeout_s=60.0), [dead], make_server=make_server,
+                             kill_server=killed.append, stranded=lambda h: isinstance(h, NeverPlaced))
+        started = time.perf_counter()
+        first = await pool.generate("q")
+        await asyncio.gather(*(s.restart_task for s in pool.slots if s.restart_task))
+        waited = time.perf_counter() - started
+        later = await pool.generate("later")
+        return first, later, pool.stats(), made, killed, waited
+
+    first, later, stats, made, killed, waited = asyncio.run(main())
+    # The only server was gone: the call waited for the restart (bounded by request_timeout_s) and was served by it.
+    assert not first["failed"] and first["text"].startswith("Doc 1: anywhere0")
+    assert [type(m) for m in made] == [NeverPlaced, FakeServer] and made[0] in killed
+    assert waited < 10  # one health timeout (1 s) for the stranded one, not the 60 s start-up limit
+    assert not later["failed"] and later["text"].startswith("Doc 1: anywhere0")
+    assert stats["restarts"] == 1 and stats["servers_alive"] == 1
+
+
 def test_cache_hits_on_a_repeated_key_and_keys_include_the_version():
     async def main():
         server = FakeServer("s")
