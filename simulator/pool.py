@@ -61,7 +61,6 @@ class _Slot:
     failures: int = 0
     restarts: int = 0
     restart_task: asyncio.Task | None = field(default=None, repr=False)
-    restart_handle: Any = field(default=None, repr=False)  # the server a restart is waiting on
 
 
 class _LRU:
@@ -291,29 +290,30 @@ class SimulatorPool:
             self.counters["restart_failures"] += 1
             logger.error("could not create simulator server %d: %s", slot.index, error)
             return
-        if await self._started(slot, new):
-            slot.handle, slot.alive = slot.restart_handle, True
+        started, new = await self._started(slot.index, new)
+        if started:
+            slot.handle, slot.alive = new, True
             slot.restarts += 1
             self.counters["restarts"] += 1
             logger.warning("simulator server %d restarted", slot.index)
         else:
             self.counters["restart_failures"] += 1
-            slot.handle = slot.restart_handle  # dead or stuck: the next health check kills it and tries again
+            slot.handle = new  # dead or stuck: the next health check kills it and tries again
             logger.error("restarted simulator server %d did not become healthy", slot.index)
 
-    async def _started(self, slot: _Slot, new: Any) -> bool:
-        """Wait, up to ``startup_timeout_s``, for a restarted server to answer its health check. One waiting for a
-        node the cluster has lost is replaced by one placed anew (``stranded``) rather than waited on to the end."""
-        slot.restart_handle = new
+    async def _started(self, index: int, new: Any) -> tuple[bool, Any]:
+        """Wait, up to ``startup_timeout_s``, for a restarted server to answer its health check; returns whether it
+        did, and the server. One waiting for a node the cluster has lost is replaced by one placed anew
+        (``stranded``) rather than waited on to the end."""
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            if await self._healthy(slot.restart_handle, timeout=min(left, self.cfg.health_timeout_s)):
-                return True
-            if self.stranded is not None and self.kill_server is not None and self.stranded(slot.restart_handle):
-                logger.warning("simulator server %d was waiting for a lost node; placing it again", slot.index)
-                self.kill_server(slot.restart_handle)
-                slot.restart_handle = self.make_server(slot.index)
-        return False
+            if await self._healthy(new, timeout=min(left, self.cfg.health_timeout_s)):
+                return True, new
+            if self.stranded is not None and self.kill_server is not None and self.stranded(new):
+                logger.warning("simulator server %d was waiting for a lost node; placing it again", index)
+                self.kill_server(new)
+                new = self.make_server(index)
+        return False, new
 
     async def check_health(self) -> dict[int, bool]:
         """Check every live server, restart the ones that fail, and retry restarts that failed before."""

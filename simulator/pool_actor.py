@@ -14,7 +14,7 @@ from typing import Any
 from simulator.config import SimulatorConfig
 from simulator.faults import ReplyFaults
 from simulator.pool import SimulatorPool
-from simulator.server import live_nodes_offering
+from simulator.server import SimulatorServer, live_nodes_offering, start_server
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ class SimulatorPoolActor:
     """
 
     def __init__(self, cfg: SimulatorConfig, server_cls: type | None = None, faults: ReplyFaults | None = None) -> None:
-        from simulator.server import SimulatorServer
-
         self.cfg = cfg
         self.server_cls = server_cls or SimulatorServer
         self.pool = SimulatorPool(
@@ -65,8 +63,6 @@ class SimulatorPoolActor:
 
     def _make(self, index: int) -> RayServerHandle:
         """A new server, on a simulation node while a live one is left (``SimulatorConfig.placement_resource``)."""
-        from simulator.server import start_server
-
         pinned = bool(self.cfg.placement_resource) and bool(live_nodes_offering(self.cfg.placement_resource))
         if self.cfg.placement_resource and not pinned:
             logger.warning("no live node offers %r any more: simulator server %d starts wherever the cluster has "
