@@ -33,7 +33,7 @@ from simulator.pool_actor import create_simulator_pool
 ray.init(address=sys.argv[1], log_to_driver=False)
 cfg = SimulatorConfig(model=sys.argv[2], num_servers=1, max_tokens=16, max_model_len=1024,
                       placement_resource="simulator_node", request_timeout_s=float(sys.argv[3]),
-                      max_attempts=int(sys.argv[4]), health_timeout_s=5.0, health_check_interval_s=2.0,
+                      max_attempts=int(sys.argv[4]), health_timeout_s=10.0, health_check_interval_s=2.0,
                       startup_timeout_s=300.0)
 head = ray.get_runtime_context().get_node_id()
 print("CONNECTED " + json.dumps({"node": head}), flush=True)
