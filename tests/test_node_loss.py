@@ -29,6 +29,7 @@ import json, sys, time
 import ray
 from simulator.config import SimulatorConfig
 from simulator.pool_actor import create_simulator_pool
+from simulator.server import live_nodes_offering
 
 ray.init(address=sys.argv[1], log_to_driver=False)
 cfg = SimulatorConfig(model=sys.argv[2], num_servers=1, max_tokens=16, max_model_len=1024,
@@ -38,16 +39,14 @@ cfg = SimulatorConfig(model=sys.argv[2], num_servers=1, max_tokens=16, max_model
 head = ray.get_runtime_context().get_node_id()
 print("CONNECTED " + json.dumps({"node": head}), flush=True)
 deadline = time.monotonic() + 120
-while time.monotonic() < deadline and not any(n["Alive"] and n["Resources"].get("simulator_node")
-                                                for n in ray.nodes()):
+while time.monotonic() < deadline and not live_nodes_offering("simulator_node"):
     time.sleep(0.5)
-nodes = {n["NodeID"]: n for n in ray.nodes()}
 pool = create_simulator_pool(cfg)
 server = ray.get(pool.server_actor.remote(0), timeout=60)
 before = ray.get(server.health.remote(), timeout=60)["node_id"]
 print("PLACED " + json.dumps({"server_node": before, "head": head,
-      "router_node": ray.get(pool.stats.remote(), timeout=60)["router_node"], "simulator_nodes": [
-    i for i, n in nodes.items() if n["Resources"].get("simulator_node")]}), flush=True)
+      "router_node": ray.get(pool.stats.remote(), timeout=60)["router_node"],
+      "simulator_nodes": live_nodes_offering("simulator_node")}), flush=True)
 sys.stdin.readline()  # the test kills the server's node now
 
 started = time.perf_counter()
