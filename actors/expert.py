@@ -14,8 +14,9 @@ Only *grounded* demonstrations are kept for training: those whose retrieved docu
 policy should learn to answer from what it read, not to recite answers it could not have found.
 
 The thoughts are drawn from a few phrasings per turn (by the demonstration's seed). The query is the question, or, for
-a share of the demonstrations (``warmup.name_query_share``), the name the question is about: still a search on the
-question, but one that shows a query can be a name rather than a restated question.
+a share of the demonstrations, the name the question is about (``warmup.name_query_share``) or that name followed by
+the question's other content words (``warmup.keyword_query_share``): still a search on the question, but one that
+shows a query can be a name rather than a restated question.
 One fixed thought per turn trains to a loss near 0 within a few steps and leaves a policy whose samples of a question
 are all alike, so RL's groups carry no signal. Varied thoughts keep probability mass on the decision after
 ``<information>`` (to answer, or to think about what is still missing) without demonstrating a second search, which is
@@ -91,6 +92,29 @@ def entity_query(question: str) -> str | None:
     return max(runs, key=len) if runs else None
 
 
+QUERY_STOPWORDS = frozenset(
+    "a an the in on of for to at by with from which what who whom whose when where how is was are were does do did "
+    "that".split())
+
+
+def keyword_query(question: str) -> str:
+    """The name the question is about, then the question's other words that carry meaning ("In which city was Tavo
+    Merin born?" -> "Tavo Merin city born"). A search engine ranks the fact asked for first, and the query opens with
+    a name, the form a second query needs when it searches for a name the first results gave."""
+    name = entity_query(question)
+    words = [w.strip(",.;:'\"") for w in expert_query(question).split()]
+    span = len(name.split()) if name else 0
+    at = next((i for i in range(len(words)) if name and words[i:i + span] == name.split()), None)
+    if at is not None:
+        words = words[:at] + words[at + span:]
+    rest = [w for w in words if w.lower() not in QUERY_STOPWORDS]
+    return " ".join(([name] if name else []) + rest) or expert_query(question)
+
+
+QUERY_STYLES = {"question": expert_query, "name": lambda q: entity_query(q) or expert_query(q),
+                "keywords": keyword_query}
+
+
 def _topic(question: str) -> str:
     """"Who founded X?" -> "who founded X": a lower-cased restatement for the expert's thought."""
     query = expert_query(question)
@@ -151,16 +175,17 @@ async def write_demonstration(
     cfg: EpisodeConfig,
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
-    by_name: bool = False,
+    query_style: str = "question",
     cite_evidence: bool = False,
 ) -> Demonstration:
     """One demonstration: the expert searches the question, reads the real result, and answers with the gold answer.
-    ``seed`` picks the phrasing of its two thoughts. ``by_name``: the query is the name the question is about
-    (``entity_query``) instead of the whole question. ``cite_evidence``: the answering thought quotes the retrieved
-    sentence that holds the answer (``evidence_sentence``) instead of saying only that the results hold it."""
+    ``seed`` picks the phrasing of its two thoughts. ``query_style`` picks how the question becomes a query
+    (``QUERY_STYLES``: the question, the name it is about, or that name and its keywords). ``cite_evidence``: the
+    answering thought quotes the retrieved sentence that holds the answer (``evidence_sentence``) instead of saying
+    only that the results hold it."""
     k = 0 if seed is None else seed
     search_thought = SEARCH_THOUGHTS[k % len(SEARCH_THOUGHTS)].format(topic=_topic(question))
-    query = (entity_query(question) if by_name else None) or expert_query(question)
+    query = QUERY_STYLES[query_style](question)
     written = 0
 
     def answer_thought(context_ids: list[int]) -> str:

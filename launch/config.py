@@ -239,6 +239,10 @@ class WarmupConfig:
         name_query_share: share of the demonstrations whose query is the name the question is about ("Tavo Merin")
             instead of the whole question. Still one search on the question; what it shows is that a query can be a
             name, so that a second query may name what the first results mentioned.
+        keyword_query_share: share of the demonstrations whose query is that name followed by the question's other
+            content words ("Tavo Merin city born"). BM25 then ranks the asked-for fact first (95% of single-hop
+            training questions on world seed 0, against 73% for the whole question and 53% for the bare name), and
+            the query still opens with a name. ``name_query_share + keyword_query_share`` is at most 1.
         cite_evidence: the answering thought quotes the retrieved sentence that holds the answer ("I read that Tavo
             Merin works for Dravik Group.") instead of a stock phrase. It teaches reading the information, and it puts
             the names the first results mention into the policy's own words, where a second query can pick them up.
@@ -255,6 +259,7 @@ class WarmupConfig:
     seed: int = 0
     search_again_share: float = 0.0
     name_query_share: float = 0.0
+    keyword_query_share: float = 0.0
     cite_evidence: bool = False
 
 

@@ -10,6 +10,7 @@ import pytest
 from actors.episode import EpisodeConfig
 from actors.expert import expert_query, information_text, write_demonstration
 from actors.protocol import OBSERVATION_HEAD, OBSERVATION_TAIL, cut_at_action, parse_action, prompt_token_ids
+from actors.reward import substring_match
 from tests.test_train_e2e import _spans
 
 
@@ -94,11 +95,43 @@ def test_a_search_by_name_is_still_one_search_about_the_question_and_is_grounded
 
     cfg = EpisodeConfig(max_obs_tokens=400)
     demos = [asyncio.run(write_demonstration(x.question, x.golden_answers, bm25, tokenizer, cfg, seed=1,
-                                             by_name=True)) for x in single_hop[:20]]
+                                             query_style="name")) for x in single_hop[:20]]
     for x, d in zip(single_hop, demos):
         assert parse_action(cut_at_action(d.response_text)).content == entity_query(x.question)
         assert d.response_text.count("<search>") == 1
     assert sum(d.grounded for d in demos) >= 16  # BM25 on the name alone finds the fact as well
+
+
+def test_the_keyword_query_is_the_name_then_the_other_words_that_carry_meaning():
+    from actors.expert import keyword_query
+
+    assert keyword_query("In which city was Tavo Merin born?") == "Tavo Merin city born"
+    assert keyword_query("Which river flows through the city where Soslas Feilstirbou was born?") == \
+        "Soslas Feilstirbou river flows through city born"
+    assert keyword_query("Who founded Brilgis Collective?") == "Brilgis Collective founded"
+    assert keyword_query("In which year was it founded?") == "year it founded"
+    assert keyword_query("Who is it?") == "it"
+
+
+def test_a_keyword_search_ranks_the_fact_asked_for_first_more_often_than_the_question(single_hop, bm25):
+    from actors.expert import expert_query, keyword_query
+
+    def first_holds_answer(query_of):
+        docs = bm25.retrieve([query_of(x.question) for x in single_hop[:60]])
+        return sum(substring_match(d[0].contents, x.golden_answers) for d, x in zip(docs, single_hop))
+
+    assert first_holds_answer(keyword_query) > first_holds_answer(expert_query)
+
+
+def test_query_styles_follow_their_shares_and_reject_shares_over_one():
+    from launch.driver.warmup import query_styles
+
+    styles = query_styles(1000, 0.2, 0.5, seed=3)
+    assert abs(styles.count("name") - 200) < 50 and abs(styles.count("keywords") - 500) < 50
+    assert query_styles(10, 0.0, 0.0, seed=3) == ["question"] * 10
+    assert query_styles(10, 0.0, 1.0, seed=3) == ["keywords"] * 10
+    with pytest.raises(ValueError, match="keyword_query_share"):
+        query_styles(10, 0.6, 0.5, seed=3)
 
 
 def test_the_evidence_is_the_first_retrieved_sentence_that_holds_the_answer():

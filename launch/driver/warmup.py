@@ -51,16 +51,28 @@ def should_warm_up(mode: str, model_path: str, max_params: float) -> bool:
     return mode == "on"
 
 
-async def _write_all(examples, engine, tokenizer, episode_cfg, max_prompt_tokens: int, name_query_share: float,
-                     cite_evidence: bool, seed: int):
+def query_styles(n: int, name_share: float, keyword_share: float, seed: int) -> list[str]:
+    """The query style of each of ``n`` demonstrations: the name for ``name_share`` of them, the name and keywords for
+    ``keyword_share``, the question for the rest."""
+    if min(name_share, keyword_share) < 0.0 or name_share + keyword_share > 1.0:
+        raise ValueError(f"warmup.name_query_share={name_share} and warmup.keyword_query_share={keyword_share}; "
+                         f"expected shares in [0, 1] whose sum is at most 1")
+    draw = random.Random(seed)
+    styles = []
+    for _ in range(n):
+        u = draw.random()
+        styles.append("name" if u < name_share else "keywords" if u < name_share + keyword_share else "question")
+    return styles
+
+
+async def _write_all(examples, engine, tokenizer, episode_cfg, max_prompt_tokens: int, styles: list[str],
+                     cite_evidence: bool):
     from actors.expert import write_demonstration
 
-    by_name = random.Random(seed)
     return await asyncio.gather(*[
         write_demonstration(x.question, x.golden_answers, engine, tokenizer, episode_cfg, seed=i,
-                            max_prompt_tokens=max_prompt_tokens, by_name=by_name.random() < name_query_share,
-                            cite_evidence=cite_evidence)
-        for i, x in enumerate(examples)
+                            max_prompt_tokens=max_prompt_tokens, query_style=style, cite_evidence=cite_evidence)
+        for i, (x, style) in enumerate(zip(examples, styles))
     ])
 
 
@@ -81,8 +93,9 @@ def write_demonstrations(cfg: Config, policy_path: str, train_file: Path, corpus
     # Single-hop questions are nearly all grounded, two-hop ones rarely; write in chunks until enough are kept.
     for start in range(0, len(examples), 4 * w.demonstrations):
         chunk = examples[start:start + 4 * w.demonstrations]
-        demos = asyncio.run(_write_all(chunk, engine, tokenizer, episode_cfg, cfg.rollout.max_prompt_tokens,
-                                       w.name_query_share, w.cite_evidence, w.seed + start))
+        styles = query_styles(len(chunk), w.name_query_share, w.keyword_query_share, w.seed + start)
+        demos = asyncio.run(_write_all(chunk, engine, tokenizer, episode_cfg, cfg.rollout.max_prompt_tokens, styles,
+                                       w.cite_evidence))
         written += len(demos)
         kept.extend(d for d in demos if d.grounded)
         if len(kept) >= w.demonstrations:
