@@ -1,9 +1,9 @@
 """Faults injected into real runs (``faults=…``; every kill a real ``ray.kill``), on the real stack with tiny-llama.
 
-- R1, R3, R8, R9 (in miniature) and R7 in one run: simulator servers killed in steps 2 and 4, the rollout engine killed
-  in step 3 while a group is in flight, a quarter of the simulator's replies garbled, and the learner killed in step 6.
-  Steps 1-5 complete whole; the learner's death stops the run with a message naming the checkpoint to resume from,
-  which is intact.
+- R1, R3, R8, R9 and R7 in one run, the soak at full length (``faults=soak``, as ``bench/soak.py`` runs it): simulator
+  server 0 killed every 5 steps, the rollout engine killed in step 17 while a group is in flight, one simulator reply
+  in ten garbled, and the learner killed in step 31. Steps 1-30 complete whole; the learner's death stops the run with
+  a message naming the checkpoint to resume from, which is intact.
 - R5: a weight load spoiled after its checksum was taken (only the canary can see it). The run stops before the next
   update, naming the engine and the versions, and the last checkpoint is intact.
 """
@@ -34,40 +34,47 @@ def _train_failing(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProce
     return result, rows
 
 
+SOAK_STEPS = 30  # R9: 30 steps, a simulator kill every 5 and the rollout engine's at step 17 (conf/faults/soak.yaml)
+
+
 @pytest.mark.slow
 def test_a_run_survives_killed_servers_and_engines_and_garbage_and_stops_cleanly_when_its_learner_dies(tmp_path):
-    """The soak in miniature (``bench/soak.py`` runs it for 30 steps): two simulator servers, server 0 killed in steps
-    2 and 4, the rollout engine killed in step 3 with a group in flight, a quarter of the replies garbled, and the
-    learner killed in step 6."""
-    faults = ["faults=soak", "faults.kill_simulator_every=2", "faults.kill_rollout_at=[3]", "faults.garble_share=0.25",
-              "faults.kill_learner_at=[6]", "cluster.simulator_servers=2", "train.total_steps=6", "train.save_every=4",
-              *QUIET]
+    """The soak (R9): 30 steps with two simulator servers, server 0 killed every 5 steps, the rollout engine killed in
+    step 17 with a group in flight, one reply in ten garbled; then the learner killed in step 31 (R7)."""
+    last = SOAK_STEPS + 1
+    faults = ["faults=soak", f"faults.kill_learner_at=[{last}]", "cluster.simulator_servers=2",
+              f"train.total_steps={last}", "train.save_every=10", *QUIET]
     result, rows = _train_failing(tmp_path, *TINY_RUN, *faults)
 
     # R7: the learner's death stops the run at once, and says where to continue from.
-    assert "LearnerDiedError" in result.stderr and "during the update of step 6" in result.stderr, result.stderr[-3000:]
-    assert "checkpoints/step_4" in result.stderr and "resume=auto" in result.stderr
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert "LearnerDiedError" in result.stderr and f"during the update of step {last}" in result.stderr, \
+        result.stderr[-3000:]
+    assert f"checkpoints/step_{SOAK_STEPS}" in result.stderr and "resume=auto" in result.stderr
+    assert [r["step"] for r in rows] == list(range(1, SOAK_STEPS + 1))
     by_step = {r["step"]: r for r in rows}
-    # R1: server 0 killed twice, restarted, and every search answered meanwhile by the other server.
-    assert by_step[5]["faults/simulator_kills"] == 2.0 and by_step[5]["simulator/killed"] == 2.0
-    assert by_step[5]["faults/simulator_restarts"] >= 1.0
-    # R3: the rollout engine died in step 3 with a group in flight; that group ran again on its restarted successor,
-    # which was given version 2's weights (the canary after step 3's sync agrees).
-    three = by_step[3]
-    assert three["faults/rollout_kills"] == 1.0 and three["faults/rollout_restarts"] == 1.0
-    assert three["faults/rerun_groups"] >= 1.0
-    assert three["sync/canary_gap"] < 0.01 and three["async/policy_version_min"] == 2.0
+    # R1: server 0 killed in steps 5, 10, ..., 30, restarted, and every search answered meanwhile by the other server.
+    for step in range(1, SOAK_STEPS + 1):
+        assert by_step[step]["faults/simulator_kills"] == step // 5, step
+    assert by_step[SOAK_STEPS]["simulator/killed"] == SOAK_STEPS // 5
+    assert by_step[SOAK_STEPS]["faults/simulator_restarts"] >= SOAK_STEPS // 5 - 1
+    # R3: the rollout engine died in step 17 with a group in flight; that group ran again on its restarted successor,
+    # which was given version 16's weights (the canary after step 17's sync agrees).
+    engine_kill = by_step[17]
+    assert engine_kill["faults/rollout_kills"] == 1.0 and engine_kill["faults/rollout_restarts"] == 1.0
+    assert engine_kill["faults/rerun_groups"] >= 1.0
+    assert engine_kill["sync/canary_gap"] < 0.01 and engine_kill["async/policy_version_min"] == 16.0
+    assert by_step[16]["faults/rollout_kills"] == 0.0 and by_step[SOAK_STEPS]["faults/rollout_kills"] == 1.0
     for row in rows:  # R9: every step whole, nothing counted twice, no search failed
         assert row["faults/lost_episodes"] == 0.0 and row["faults/duplicate_episodes"] == 0.0, row["step"]
-        assert row["data/groups_rolled"] == 2.0 and row["simulator/failures"] == 0.0
+        assert row["data/groups_rolled"] == 2.0 and row["simulator/failures"] == 0.0, row["step"]
     # R8: garbled replies reached the episodes, which read them or "No information available", and trained.
-    assert by_step[5]["faults/garbled_replies"] >= 2.0
-    # What resume=auto continues from is intact: the step-4 checkpoint, complete. (That a resume from such a folder
+    assert by_step[SOAK_STEPS]["faults/garbled_replies"] >= 2.0
+    # What resume=auto continues from is intact: the step-30 checkpoint, complete. (That a resume from such a folder
     # continues exactly is tests/test_loop_e2e.py's killed-driver test; a second run here would cost a minute.)
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert json.loads((checkpoints / "step_4" / "driver_state.json").read_text())["step"] == 4
-    assert not (checkpoints / "step_5").exists() and not (checkpoints / "step_6").exists()
+    state = json.loads((checkpoints / f"step_{SOAK_STEPS}" / "driver_state.json").read_text())
+    assert state["step"] == SOAK_STEPS
+    assert not (checkpoints / f"step_{last}").exists()
 
 
 @pytest.mark.slow
