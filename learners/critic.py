@@ -58,7 +58,7 @@ def response_values(model: nn.Module, mb: MicroBatch) -> Tensor:
 class CriticCore(DeepSpeedCore):
     """The critic's update. Every sample needs ``returns`` and ``old_values`` (the values GAE used)."""
 
-    shares_prompts = False  # the value head reads every position's hidden state, not response_logits
+    shares_prompts = False  # the value head reads every position's hidden state, not response_hidden
 
     def build_model(self, model_path: str) -> nn.Module:
         from transformers import AutoModel

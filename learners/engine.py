@@ -119,7 +119,7 @@ class DeepSpeedCore:
     data-parallel group every method here is collective: call it on every rank.
     """
 
-    # Whether the loss reads ``response_logits``, whose forward can share a prompt among the rows of a micro-batch.
+    # Whether the loss reads ``response_hidden``, whose forward can share a prompt among the rows of a micro-batch.
     shares_prompts = True
 
     def __init__(self, model_path: str | os.PathLike, cfg: LearnerConfig) -> None:

@@ -1,8 +1,8 @@
-"""The learner's forward pass: samples → right-padded micro-batches → logits at response positions → token logprobs.
+"""The learner's forward pass: samples → right-padded micro-batches → logits at model tokens → token logprobs.
 
 Shared by every learner role (policy update, reference and old-logprob passes, critic values, SFT). A micro-batch plan
 either packs samples by length or puts the samples of one prompt together, so that the prompt is computed once
-(``shared_prompt_logits``); ``compute_per_token`` runs a no-gradient pass over any plan, in input order.
+(``shared_prompt_hidden``); ``compute_per_token`` runs a no-gradient pass over any plan, in input order.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class MicroBatch:
     returns: Tensor  # PPO critic targets
     old_values: Tensor  # the critic's values when GAE ran
     response_lens: list[int]
-    shared_prompt: bool = False  # every row has the same prompt, computed once (``shared_prompt_logits``)
+    shared_prompt: bool = False  # every row has the same prompt, computed once (``shared_prompt_hidden``)
 
 
 def pad_rows(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype = torch.float32,
@@ -100,24 +100,30 @@ def collate(samples: Sequence[LearnerSample], dev: torch.device, pad_id: int = 0
     )
 
 
-def response_logits(model: Callable, mb: MicroBatch) -> Tensor:
-    """fp32 logits ``[B, R, V]`` at the positions that predict each response token.
+def final_hidden(model: Callable, **inputs) -> Tensor:
+    """The model's last hidden states (after its final norm), ``[B, T, H]``, with no logits computed but one position's.
 
-    Only positions from the earliest response start on go through the LM head (``logits_to_keep``): over a 49k-152k
-    vocabulary, logits at every prompt position would take much of the learner's memory and time for nothing.
+    Through the model's own forward (a DeepSpeed engine's too), so that every hook of the engine runs as it does for
+    logits; ``hidden_states[-1]`` of a Hugging Face causal LM is the normed state its LM head reads.
+    """
+    return model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+
+
+def response_hidden(model: Callable, mb: MicroBatch) -> Tensor:
+    """The hidden states ``[B, R, H]`` at the positions that predict each response token.
+
+    Only positions from the earliest response start on are gathered: the LM head then runs where it is needed, not at
+    every prompt position. Rows that share their prompt compute it once (``shared_prompt_hidden``).
     """
     if mb.shared_prompt:
-        return shared_prompt_logits(model, mb)
-    first = int(mb.positions[:, 0].min())
-    keep = mb.input_ids.shape[1] - first
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
-                   logits_to_keep=keep).logits
-    index = (mb.positions - first).clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, index).float()
+        return shared_prompt_hidden(model, mb)
+    hidden = final_hidden(model, input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    index = mb.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, index)
 
 
-def shared_prompt_logits(model: Callable, mb: MicroBatch) -> Tensor:
-    """``response_logits`` for rows that share their prompt: the prompt is computed once, and every row's response
+def shared_prompt_hidden(model: Callable, mb: MicroBatch) -> Tensor:
+    """``response_hidden`` for rows that share their prompt: the prompt is computed once, and every row's response
     attends to that one key/value cache, repeated per row.
 
     The cache stays in the autograd graph, so the gradients of all the rows' responses flow back into the one prompt
@@ -127,20 +133,53 @@ def shared_prompt_logits(model: Callable, mb: MicroBatch) -> Tensor:
     """
     rows, width = mb.input_ids.shape
     prompt_len = int(mb.positions[0, 0]) + 1
-    prompt = model(input_ids=mb.input_ids[:1, :prompt_len], use_cache=True, logits_to_keep=1)
+    prompt = model(input_ids=mb.input_ids[:1, :prompt_len], use_cache=True, output_hidden_states=True,
+                   logits_to_keep=1)
     cache = prompt.past_key_values
     cache.batch_repeat_interleave(rows)
     responses = mb.input_ids[:, prompt_len:]
     positions = torch.arange(prompt_len, width, device=responses.device).expand(rows, -1)
-    rest = model(input_ids=responses, attention_mask=mb.attention_mask, position_ids=positions,
-                 past_key_values=cache, use_cache=True, logits_to_keep=responses.shape[1]).logits
-    first = prompt.logits[:, -1:].expand(rows, 1, -1)
-    return torch.cat([first, rest[:, :-1]], dim=1).float()
+    rest = final_hidden(model, input_ids=responses, attention_mask=mb.attention_mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True)
+    first = prompt.hidden_states[-1][:, -1:].expand(rows, 1, -1)
+    return torch.cat([first, rest[:, :-1]], dim=1)
+
+
+def lm_head(model: Callable) -> Callable:
+    """The output projection of a Hugging Face model, or of the one a DeepSpeed engine wraps."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
+def response_logits(model: Callable, mb: MicroBatch) -> Tensor:
+    """fp32 logits ``[B, R, V]`` at the positions that predict each response token."""
+    return lm_head(model)(response_hidden(model, mb)).float()
+
+
+def model_token_logits(model: Callable, mb: MicroBatch) -> Tensor:
+    """fp32 logits ``[N, V]`` at the N response positions the loss keeps (``mb.loss_mask``), row by row.
+
+    In a search episode most response tokens are ``<information>`` the loss masks out; over a 49k-152k vocabulary,
+    the LM head, the softmax and their gradients at those positions would cost the learner much of its time and memory
+    for nothing. ``on_model_tokens`` puts per-token values back in ``[B, R]`` form.
+    """
+    return lm_head(model)(response_hidden(model, mb)[mb.loss_mask]).float()
+
+
+def on_model_tokens(values: Tensor, mask: Tensor) -> Tensor:
+    """``[N]`` values of the masked-in tokens as ``[B, R]``, 0 where ``mask`` is 0; gradients flow to ``values``."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log π(target) per position, ``[B, R]``."""
+    """log π(target) per position: ``[B, R]`` from ``[B, R, V]`` logits, or ``[N]`` from ``[N, V]``."""
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def model_token_logprobs(model: Callable, mb: MicroBatch) -> tuple[Tensor, Tensor]:
+    """log π(token | prefix) ``[B, R]`` on the tokens the loss keeps (0 elsewhere), and those tokens' logits
+    ``[N, V]`` (for the entropy)."""
+    logits = model_token_logits(model, mb)
+    return on_model_tokens(token_logprobs(logits, mb.targets[mb.loss_mask]), mb.loss_mask), logits
 
 
 def plan_micro_batches(samples: Sequence[LearnerSample], token_budget: int,
@@ -162,8 +201,9 @@ def aligned_plan(samples: Sequence[LearnerSample], token_budget: int, share_prom
 
 
 def logprobs_of(model: Callable, mb: MicroBatch) -> Tensor:
-    """log π(token | prefix) of every response token, ``[B, R]``."""
-    return token_logprobs(response_logits(model, mb), mb.targets)
+    """log π(token | prefix) of the response tokens the loss keeps, ``[B, R]``; 0 on the ones it masks out
+    (``<information>``), whose logprobs no loss, KL or advantage reads."""
+    return model_token_logprobs(model, mb)[0]
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ def policy_gradient_loss(
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """H_t = −Σ_v p_v log p_v = logsumexp(z) − Σ_v softmax(z)_v z_v, for logits z of shape [B, T, V] → [B, T].
+    """H_t = −Σ_v p_v log p_v = logsumexp(z) − Σ_v softmax(z)_v z_v, for logits z of shape [..., V] → [...].
 
     The logsumexp form never forms log p of a tiny probability, so large logits stay finite. Logits must be finite
     (a −inf from a sampling-time mask would give 0·∞).

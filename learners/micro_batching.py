@@ -68,7 +68,7 @@ def pack_by_token_budget(lengths: Sequence[int], token_budget: int) -> MicroBatc
 @dataclass
 class SharedPromptPlan(MicroBatchPlan):
     """A plan whose micro-batches may share a prompt: ``shared[k]`` says that every row of micro-batch ``k`` has the
-    same prompt, computed once for all of them (``learners/forward.py``, ``response_logits``)."""
+    same prompt, computed once for all of them (``learners/forward.py``, ``response_hidden``)."""
 
     shared: list[bool] = field(default_factory=list)
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from learners.algorithms import kl_estimate, masked_sum
 from learners.batch import LearnerSample
 from learners.engine import DeepSpeedCore
-from learners.forward import MicroBatch, response_logits, token_logprobs
+from learners.forward import MicroBatch, model_token_logprobs, on_model_tokens
 from learners.losses import (
     combine_policy_loss,
     entropy_from_logits,
@@ -31,8 +31,7 @@ class PolicyCore(DeepSpeedCore):
     def _policy_loss(self, mb: MicroBatch, n_global: float) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         mask = mb.loss_mask
-        logits = response_logits(self.engine, mb)
-        logp = token_logprobs(logits, mb.targets)
+        logp, logits = model_token_logprobs(self.engine, mb)  # logits only where the loss reads them
         # No old logprobs: the update is on-policy, ratio 1 (the gradient is still A ∇log π).
         old = torch.where(mb.has_old & mask, mb.old_logprobs, logp.detach())
         pg_tok, stats = policy_gradient_loss(logp, old, mb.advantages, cfg.clip_eps, cfg.clip_eps_high,
@@ -47,10 +46,10 @@ class PolicyCore(DeepSpeedCore):
         ref = torch.where(mb.has_ref & mask, mb.ref_logprobs, logp.detach())
         kl_tok = kl_estimate(logp, ref, cfg.kl_kind)
         if cfg.entropy_coef != 0:
-            ent_tok = entropy_from_logits(logits)
+            ent_tok = on_model_tokens(entropy_from_logits(logits), mask)
         else:
             with torch.no_grad():
-                ent_tok = entropy_from_logits(logits)
+                ent_tok = on_model_tokens(entropy_from_logits(logits), mask)
         total = combine_policy_loss(pg_tok, kl_tok if cfg.kl_coef else None, ent_tok, cfg.kl_coef, cfg.entropy_coef)
         loss = token_mean_loss(total, mask, n_global)
         n_local = float(mask.sum().item())

@@ -14,7 +14,7 @@ from torch import Tensor
 from learners.algorithms import masked_sum
 from learners.batch import LearnerSample
 from learners.engine import DeepSpeedCore
-from learners.forward import MicroBatch, response_logits, token_logprobs
+from learners.forward import MicroBatch, model_token_logprobs
 from learners.losses import token_mean_loss
 from learners.shell import LearnerActor
 
@@ -23,7 +23,7 @@ class SFTCore(DeepSpeedCore):
     """Token-mean negative log-likelihood of the masked response tokens; one optimizer step per ``train_step``."""
 
     def _nll_loss(self, mb: MicroBatch, n_global: float) -> tuple[Tensor, dict[str, float]]:
-        nll = -token_logprobs(response_logits(self.engine, mb), mb.targets)
+        nll = -model_token_logprobs(self.engine, mb)[0]
         return token_mean_loss(nll, mb.loss_mask, n_global), {"loss": masked_sum(nll.detach(), mb.loss_mask).item()}
 
     def train_step(self, samples: Sequence[LearnerSample],
