@@ -1,16 +1,20 @@
 """One policy update through the DeepSpeed learner actors against a plain PyTorch AdamW loop, measured in one run.
 
     python bench/learner_vs_torch.py [--model smollm2-135m-instruct] [--groups 2] [--group-size 4]
-                                     [--prompt-tokens 250] [--response-tokens 64] [--rounds 2]
+                                     [--prompt-tokens 250] [--response-tokens 64] [--observation-tokens 0]
+                                     [--rounds 2]
 
-The batch is ``groups × group-size`` sequences; the samples of a group share their prompt, as GRPO's do. Both sides
+The batch is ``groups × group-size`` sequences; the samples of a group share their prompt, as GRPO's do.
+``--observation-tokens N`` makes each response a search episode's: half the model's tokens, an ``<information>``
+block of N tokens under loss mask 0, then the other half (a SmolLM2 episode against BM25 measured 91 generated and 186
+observation tokens). Both sides
 compute the reference logprobs (a frozen copy of the model, no gradient) and then one update of the token-mean PPO
 loss on the same batch, in fp32 with the learner's CPU threads:
 
 - ours: ``ReferenceActor`` and a one-rank ``LearnerGroup`` of ``PolicyActor`` (Ray actors, DeepSpeed ZeRO-2 on
   the CPU accelerator), with the CPU config's micro-batch budgets;
 - plain: an HF model with ``torch.optim.AdamW``, one forward and backward over the whole batch, logits kept only for
-  the response positions (``logits_to_keep``), the same loss terms (ratio, KL, entropy).
+  the response positions (``logits_to_keep``), the same loss terms (ratio, KL, entropy), masked as ours are.
 
 Each side runs ``--rounds`` timed updates after a warm-up one; the best counts. ``ratio`` is ours over plain in
 tokens/s (the batch's tokens, prompts included, per second of reference pass plus update); ``goal`` is 1.5, which
@@ -33,18 +37,21 @@ sys.path.insert(0, str(REPO))
 GOAL = 1.5
 
 
-def make_batch(groups: int, group_size: int, prompt_tokens: int, response_tokens: int, vocab: int):
+def make_batch(groups: int, group_size: int, prompt_tokens: int, response_tokens: int, vocab: int,
+               observation_tokens: int = 0):
     from learners.batch import LearnerSample
 
     rng = random.Random(0)
+    first = response_tokens // 2
+    loss_mask = [1] * first + [0] * observation_tokens + [1] * (response_tokens - first)
     samples = []
     for _ in range(groups):
         prompt = [rng.randrange(100, vocab) for _ in range(prompt_tokens)]
         for _ in range(group_size):
-            response = [rng.randrange(100, vocab) for _ in range(response_tokens)]
+            response = [rng.randrange(100, vocab) for _ in range(len(loss_mask))]
             advantage = rng.choice([-1.0, 1.0])
-            samples.append(LearnerSample(prompt + response, prompt_tokens, [1] * response_tokens,
-                                         advantages=[advantage] * response_tokens))
+            samples.append(LearnerSample(prompt + response, prompt_tokens, list(loss_mask),
+                                         advantages=[advantage] * len(loss_mask)))
     return samples
 
 
@@ -100,7 +107,7 @@ def plain(model_path: str, samples, rounds: int, threads: int) -> float:
     prompt, response = samples[0].prompt_len, samples[0].response_len
     targets = ids[:, prompt:]
     advantages = torch.tensor([s.advantages for s in samples])
-    mask = torch.ones_like(advantages, dtype=torch.bool)
+    mask = torch.tensor([s.loss_mask for s in samples], dtype=torch.bool)
 
     def response_logprobs(model) -> tuple:
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=response + 1).logits[:, :-1].float()
@@ -111,8 +118,8 @@ def plain(model_path: str, samples, rounds: int, threads: int) -> float:
             ref, _ = response_logprobs(frozen)
         logp, logits = response_logprobs(policy)
         pg, _ = policy_gradient_loss(logp, logp.detach(), advantages, 0.2, None, None, loss_mask=mask)
-        loss = combine_policy_loss(pg, kl_estimate(logp, ref, "low_var_kl"), entropy_from_logits(logits),
-                                   0.001, 0.001).mean()
+        loss = (combine_policy_loss(pg, kl_estimate(logp, ref, "low_var_kl"), entropy_from_logits(logits),
+                                    0.001, 0.001) * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -128,6 +135,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=250)
     parser.add_argument("--response-tokens", type=int, default=64)
+    parser.add_argument("--observation-tokens", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
@@ -138,7 +146,7 @@ def main() -> None:
     model = resolve_model(args.model)
     threads = os.cpu_count() or 1
     samples = make_batch(args.groups, args.group_size, args.prompt_tokens, args.response_tokens,
-                         AutoConfig.from_pretrained(model).vocab_size)
+                         AutoConfig.from_pretrained(model).vocab_size, args.observation_tokens)
     tokens = sum(len(s.input_ids) for s in samples)
     ours_s = ours(model, samples, args.rounds, threads)
     plain_s = plain(model, samples, args.rounds, threads)
@@ -152,7 +160,8 @@ def main() -> None:
         "sequences": len(samples),
         "group_size": args.group_size,
         "tokens": tokens,
-        "prompt_share": round(args.prompt_tokens / (args.prompt_tokens + args.response_tokens), 3),
+        "observation_tokens": args.observation_tokens,
+        "prompt_share": round(args.prompt_tokens / (tokens / len(samples)), 3),
         "threads": threads,
         "precision": "fp32",
     }, indent=2))
