@@ -104,16 +104,17 @@ def final_hidden(model: Callable, **inputs) -> Tensor:
     """The model's last hidden states (after its final norm), ``[B, T, H]``, with no logits computed but one position's.
 
     Through the model's own forward (a DeepSpeed engine's too), so that every hook of the engine runs as it does for
-    logits; ``hidden_states[-1]`` of a Hugging Face causal LM is the normed state its LM head reads.
+    logits; ``hidden_states[-1]`` of a Hugging Face causal LM is the normed state its LM head reads. The other layers'
+    states are held until the forward returns, which a no-gradient pass would otherwise free early: far less than the
+    ``[B, R, V]`` logits it no longer makes.
     """
     return model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
 
 def response_hidden(model: Callable, mb: MicroBatch) -> Tensor:
-    """The hidden states ``[B, R, H]`` at the positions that predict each response token.
-
-    Only positions from the earliest response start on are gathered: the LM head then runs where it is needed, not at
-    every prompt position. Rows that share their prompt compute it once (``shared_prompt_hidden``).
+    """The hidden states ``[B, R, H]`` at the positions that predict each response token, so that the LM head runs
+    only where a token is predicted, never at a prompt position. Rows that share their prompt compute it once
+    (``shared_prompt_hidden``).
     """
     if mb.shared_prompt:
         return shared_prompt_hidden(model, mb)
