@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from actors.protocol import INVALID_ACTION_MESSAGE, observation_token_ids, parse_action
+from actors.protocol import INVALID_ACTION_MESSAGE, STOP_STRINGS, observation_token_ids, parse_action
 from actors.reward import even_token_share, score_response
 from actors.trajectory import EpisodeStats
 from simulator.base import SearchContext, SearchEngine
@@ -40,7 +40,13 @@ class Generation:
     finish_reason: str  # stop (stop string or EOS) | length
 
 
-GenerateFn = Callable[[list[int], int], Awaitable[Generation]]
+# (context ids, token budget) -> the sampled turn, stopped at the protocol's closing tags. The lever ``open_search``
+# also calls it with ``stop=``, other stop strings.
+GenerateFn = Callable[..., Awaitable[Generation]]
+
+# The exploration lever ``open_search``: the environment writes this after the policy's ``</think>``.
+OPENED_SEARCH = "\n<search>"
+THINK_CLOSE = "</think>"
 
 
 @dataclass
@@ -56,6 +62,10 @@ class EpisodeConfig:
     Documents per search are the search engine's (``search.top_k``): one key, for training and every other command.
         reward_metric: ``f1`` (the paper's training reward), ``exact_match`` or ``substring_match``; or the probe
             ``even_token_share`` (``actors.reward``), which checks that learning works at all.
+        open_search: an exploration lever, set per episode by the rollout (``RolloutConfig.open_search_share``). In
+            every turn after an ``<information>`` but the last, the policy writes its thought up to ``</think>``, the
+            environment writes ``OPENED_SEARCH`` (loss mask 0, like an observation), and the policy writes the query
+            and goes on. A turn that acts before it closes its thought is left as it was.
     """
 
     max_turns: int = 2
@@ -63,6 +73,7 @@ class EpisodeConfig:
     max_response_tokens: int = 2048
     max_obs_tokens: int = 512
     reward_metric: str = "f1"
+    open_search: bool = False
 
 
 @dataclass
@@ -103,8 +114,13 @@ async def run_episode(
             stats.finish_reason = "length"
             break
         started = time.perf_counter()
+        opens = cfg.open_search and 0 < turn < cfg.max_turns and stats.searches == turn
         try:
-            generation = await generate(prompt_ids + response_ids, budget)
+            if opens:
+                thought, opened, generation = await _opened_turn(prompt_ids + response_ids, budget, generate,
+                                                                 tokenizer)
+            else:
+                thought, opened, generation = None, [], await generate(prompt_ids + response_ids, budget)
         except (TimeoutError, asyncio.TimeoutError):  # one slow episode must not end the step
             stats.generation_s += time.perf_counter() - started
             stats.finish_reason = "error"
@@ -112,9 +128,16 @@ async def run_episode(
             break
         stats.generation_s += time.perf_counter() - started
         stats.turns += 1
+        if thought is not None:  # the policy's thought, the environment's tag; the policy's query follows
+            append(thought.token_ids, 1, thought.logprobs)
+            append(opened, 0)
+            stats.opened_searches += 1
+            stats.generated_tokens += len(thought.token_ids)
         stats.generated_tokens += len(generation.token_ids)
+        turn_text = tokenizer.decode((thought.token_ids + opened if thought is not None else []) + generation.token_ids,
+                                     skip_special_tokens=True)
 
-        action = parse_action(tokenizer.decode(generation.token_ids, skip_special_tokens=True))
+        action = parse_action(turn_text)
         if action.kind == "invalid":
             stats.invalid_actions += 1
         else:
@@ -161,3 +184,18 @@ async def run_episode(
     else:
         reward = score_response(response_text, golden_answers, cfg.reward_metric)
     return EpisodeResult(response_ids, loss_mask, logprobs, response_text, reward, stats)
+
+
+async def _opened_turn(context: list[int], budget: int, generate: GenerateFn,
+                       tokenizer: Any) -> tuple[Generation | None, list[int], Generation]:
+    """A turn opened for a search: the policy's thought, stopped at ``</think>``; the ids of the tag the environment
+    writes after it; and the policy's continuation from there. A turn that acted, ran out of budget or ended before
+    closing its thought is returned whole, as the continuation, with nothing opened."""
+    thought = await generate(context, budget, stop=(THINK_CLOSE, *STOP_STRINGS))
+    text = tokenizer.decode(thought.token_ids, skip_special_tokens=True)
+    if thought.finish_reason != "stop" or not text.rstrip().endswith(THINK_CLOSE):
+        return None, [], thought
+    opened = tokenizer.encode(OPENED_SEARCH, add_special_tokens=False)
+    left = budget - len(thought.token_ids) - len(opened)
+    rest = await generate(context + thought.token_ids + opened, left) if left > 0 else Generation([], [], "length")
+    return thought, opened, rest

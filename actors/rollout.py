@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
 import signal
 import time
 import uuid
@@ -39,6 +40,11 @@ class RolloutConfig:
         prompt: ``agent``, the paper's prompt: the policy searches as it decides, over several turns; or ``rag``, the
             RAG baseline's prompt with the documents of one search for the question, answered in one turn (single-turn
             RL, the setting of TRL and of ``bench/peer_trl.py``; ``episode.max_turns`` does not apply).
+        open_search_share: an exploration lever, off by default (0): the share of sampled training episodes whose
+            turns after an ``<information>`` are opened for a search (``EpisodeConfig.open_search``). The tag is the
+            environment's (loss mask 0); the thought before it and the query after it are the policy's samples. A
+            group whose opened episodes find what the others did not teaches, through the others' advantages, the
+            choice to search again. Greedy episodes (validation, evaluation) are never opened.
         episode: per-episode limits (turns, token budgets, reward metric).
     """
 
@@ -50,7 +56,12 @@ class RolloutConfig:
     guided_first_turn_regex: str | None = None
     enable_prefix_caching: bool = True
     prompt: str = "agent"
+    open_search_share: float = 0.0
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.open_search_share <= 1.0:
+            raise ValueError(f"rollout.open_search_share={self.open_search_share}: expected a share between 0 and 1")
 
 
 @dataclass
@@ -62,6 +73,14 @@ class EpisodeRequest:
     golden_answers: tuple[str, ...]
     data_source: str
     seed: int
+
+
+def opens_search(share: float, seed: int, temperature: float | None) -> bool:
+    """Whether the episode of ``seed`` is one of the ``share`` opened for a search (``open_search_share``): a fixed
+    draw per seed, so a rerun opens the same episodes; never for greedy decoding."""
+    if share <= 0 or temperature == 0.0:
+        return False
+    return random.Random(f"open-search-{seed}").random() < share
 
 
 def single_process_engine_core() -> None:
@@ -102,7 +121,7 @@ class RolloutCore:
         return prompt_token_ids(question, self.tokenizer, self.cfg.max_prompt_tokens)
 
     async def generate(self, context_ids: list[int], max_tokens: int, guided_regex: str | None = None,
-                       temperature: float | None = None) -> Generation:
+                       temperature: float | None = None, stop: tuple[str, ...] | None = None) -> Generation:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -119,7 +138,7 @@ class RolloutCore:
             top_p=self.cfg.top_p if (temperature is None or temperature > 0) else 1.0,
             top_k=self.cfg.top_k,
             max_tokens=max_tokens,
-            stop=list(STOP_STRINGS),
+            stop=list(stop or STOP_STRINGS),
             include_stop_str_in_output=True,
             logprobs=0,
             **extra,
@@ -143,12 +162,14 @@ class RolloutCore:
             episode_cfg = dataclasses.replace(episode_cfg, max_turns=0)
         else:
             prompt_ids = self.prompt_ids(request.question)
+        if opens_search(self.cfg.open_search_share, request.seed, temperature):
+            episode_cfg = dataclasses.replace(episode_cfg, open_search=True)
         turn = {"n": 0}
 
-        async def generate(context: list[int], budget: int) -> Generation:
+        async def generate(context: list[int], budget: int, stop: tuple[str, ...] | None = None) -> Generation:
             regex = self.cfg.guided_first_turn_regex if turn["n"] == 0 else None
             turn["n"] += 1
-            return await asyncio.wait_for(self.generate(context, budget, regex, temperature),
+            return await asyncio.wait_for(self.generate(context, budget, regex, temperature, stop),
                                           timeout=self.cfg.generate_timeout_s)
 
         version = self.policy_version

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 class EpisodeStats:
     turns: int = 0  # generations made
     searches: int = 0
+    opened_searches: int = 0  # searches whose tag the environment wrote (``RolloutConfig.open_search_share``)
     queries: list[str] = field(default_factory=list)
     documents: list[list[str]] = field(default_factory=list)  # each search's documents, for simulator tuning
     noisy: list[bool | None] = field(default_factory=list)  # the simulator's draw per search (None: real engine)

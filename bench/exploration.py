@@ -11,6 +11,9 @@ share (groups whose rewards are not all equal), and on two-hop questions the sha
 retrieved the gold answer: the bridge found, which is what RL has to make common. ``ratio`` is the two-hop
 second-search share; ``goal`` is 0.1, below which a 10-step run of 4 × 8 episodes rarely sees one that pays.
 
+``opened_share`` counts the episodes whose second turn was opened for a search (``rollout.open_search_share=…``);
+``twice_answered_share`` and ``twice_reward`` say whether the last turn answers after a second ``<information>``.
+
 ``--model`` is an HF folder (default: the warm-up policy of the training config, built first when it is not in the
 cache). ``key=value`` overrides that config as on the training command line (``warmup.name_query_share=0.5``).
 Prints one JSON object.
@@ -55,9 +58,22 @@ def episode_row(trajectories, two_hop: bool) -> dict[str, float]:
         "reward": round(statistics.fmean(t.reward for t in trajectories), 3),
         "signal_share": round(statistics.fmean(len(set(r)) > 1 for r in groups.values()), 3),
     }
+    row["opened_share"] = round(statistics.fmean(t.stats.opened_searches > 0 for t in trajectories), 3)
+    if twice:  # after a second <information>, does the last turn answer, and how well?
+        row["twice_answered_share"] = round(statistics.fmean(t.stats.answered for t in twice), 3)
+        row["twice_reward"] = round(statistics.fmean(t.reward for t in twice), 3)
     if two_hop:
         found = [t for t in twice if contains_answer("\n".join(t.stats.documents[1]), t.golden_answers)]
         row["bridge_found_share"] = round(len(found) / len(trajectories), 3)
+        if found:
+            row["bridge_found_reward"] = round(statistics.fmean(t.reward for t in found), 3)
+        # Groups where an episode that found the bridge outscored the group: the gradient RL needs.
+        best = {g: max(r) for g, r in groups.items()}
+        row["groups_with_a_bridge"] = round(statistics.fmean(
+            any(t.group_id == g for t in found) for g in groups), 3)
+        row["groups_paid_by_a_bridge"] = round(statistics.fmean(
+            any(t.group_id == g and t.reward == best[g] > statistics.fmean(groups[g]) for t in found)
+            for g in groups), 3)
         row["second_queries"] = [t.stats.queries[1] for t in twice[:8]]
     return row
 

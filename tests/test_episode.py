@@ -102,3 +102,75 @@ def test_other_generation_errors_still_raise():
 
     with pytest.raises(RuntimeError, match="engine died"):
         run(broken)
+
+
+def opening_scripted(*turns: str):
+    """Like ``scripted``, but honours ``stop=``: a turn is cut just after the first stop string it holds, and what it
+    held after it is dropped (after the environment's tag, the policy samples anew: the next scripted turn)."""
+    queue = list(turns)
+    calls = []
+
+    async def generate(context, budget, stop=None):
+        calls.append(stop)
+        text = queue.pop(0)
+        if stop:
+            cuts = [text.index(s) + len(s) for s in stop if s in text]
+            if cuts:
+                text = text[:min(cuts)]
+        ids = [ord(c) for c in text][:budget]
+        return Generation(ids, [-0.5] * len(ids), "stop" if len(ids) < budget or not stop else "length")
+
+    generate.calls = calls
+    return generate
+
+
+def _spans_of(result, value):
+    text, runs, current = result.response_ids, [], []
+    for token, mask in zip(text, result.loss_mask):
+        if mask == value:
+            current.append(chr(token))
+        elif current:
+            runs.append("".join(current))
+            current = []
+    return runs + (["".join(current)] if current else [])
+
+
+def test_an_opened_turn_writes_the_search_tag_after_the_thought_with_mask_zero():
+    generate = opening_scripted("<think> who? </think>\n<search> Tavo Merin </search>",
+                                "<think> I read Rerza. </think>\n<answer> Rerza Foundry </answer>",  # cut at </think>
+                                " Rerza Foundry </search>",
+                                "<think> found </think>\n<answer> Rerza Foundry </answer>|")
+    result = run(generate, open_search=True)
+    # Turn 2: the policy's thought (mask 1), the environment's tag (mask 0), then the policy's query (mask 1); the
+    # answer it would have written after its thought was never sampled.
+    assert "".join(chr(t) for t in result.response_ids).count("<search>") == 2
+    masked = _spans_of(result, 0)
+    assert masked[1] == "\n<search>" and masked[0].startswith("\n\n<information>")
+    trained = _spans_of(result, 1)
+    assert trained[1] == "<think> I read Rerza. </think>" and trained[2] == " Rerza Foundry </search>"
+    assert result.stats.searches == 2 and result.stats.opened_searches == 1
+    assert result.stats.queries == ["Tavo Merin", "Rerza Foundry"] and result.stats.turns == 3
+    assert all(lp == 0.0 for lp, m in zip(result.logprobs, result.loss_mask) if m == 0)
+    # Only turn 2 was opened: the first and the last turn are sampled with the protocol's stop strings.
+    assert [c is not None and "</think>" in c for c in generate.calls] == [False, True, False, False]
+    assert result.reward == 1.0 and result.stats.finish_reason == "answer"
+
+
+def test_a_turn_that_acts_before_closing_its_thought_is_not_opened():
+    generate = opening_scripted("<search> Tavo Merin </search>", "<answer> Rerza Foundry </answer>|")
+    result = run(generate, open_search=True)
+    assert result.stats.opened_searches == 0 and result.stats.searches == 1 and result.stats.answered
+    assert _spans_of(result, 0) == [_spans_of(result, 0)[0]]  # one masked span: the observation
+    assert result.reward == 1.0
+
+
+def test_the_last_turn_and_the_closed_lever_are_never_opened():
+    first, last = "<think> a </think>\n<search> Tavo Merin </search>", "<think> c </think>\n<answer> Rerza </answer>|"
+    closed = run(opening_scripted(first, "<think> b </think>\n<search> Rerza </search>", last))
+    assert closed.stats.opened_searches == 0 and closed.stats.searches == 2
+    generate = opening_scripted(first, "<think> b </think>", " Rerza </search>", last)
+    opened = run(generate, open_search=True)
+    # Turn 2 was opened, turn 3 was not: with max_turns 2 its search would never be run.
+    assert opened.stats.opened_searches == 1 and opened.stats.searches == 2 and opened.stats.answered
+    assert opened.stats.queries == closed.stats.queries == ["Tavo Merin", "Rerza"]
+    assert sum(1 for c in generate.calls if c) == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pandas as pd
+import pytest
 
 from actors.episode import EpisodeConfig, Generation
 from actors.rollout import EpisodeRequest, RolloutConfig, RolloutCore
@@ -50,3 +51,16 @@ def test_rag_prompt_carries_one_searchs_documents_and_the_episode_is_one_turn(to
     trajectory = asyncio.run(agent.run(request, noise_prob=0.0))
     assert len(contexts) == 3 and trajectory.stats.searches == 2  # the paper's prompt: search, search, then no more
     assert "Documents:" not in tokenizer.decode(trajectory.prompt_ids)
+
+
+def test_open_search_opens_a_fixed_share_of_sampled_episodes_and_no_greedy_one():
+    from actors.rollout import RolloutConfig, opens_search
+
+    draws = [opens_search(0.25, seed, None) for seed in range(2000)]
+    assert 0.22 < sum(draws) / len(draws) < 0.28
+    assert draws == [opens_search(0.25, seed, 1.0) for seed in range(2000)]  # a rerun opens the same episodes
+    assert not any(opens_search(0.25, seed, 0.0) for seed in range(2000))  # validation and evaluation are greedy
+    assert not any(opens_search(0.0, seed, None) for seed in range(2000)) and all(
+        opens_search(1.0, seed, None) for seed in range(200))
+    with pytest.raises(ValueError, match=r"rollout.open_search_share=1.5: expected a share between 0 and 1"):
+        RolloutConfig(open_search_share=1.5)

@@ -126,6 +126,7 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
         "response_length/mean": mean(len(t.response_ids) for t in trajectories),
         "response_length/generated_mean": mean(t.stats.generated_tokens for t in trajectories),
         "search/calls_per_episode": mean(t.stats.searches for t in trajectories),
+        "search/opened_share": mean(1.0 if t.stats.opened_searches else 0.0 for t in trajectories),
         "search/noisy_share": mean(1.0 if s else 0.0 for s in searches) if searches else 0.0,
         "search/failed": float(sum(t.stats.failed_searches for t in trajectories)),
         "episode/valid_action_share": sum(t.stats.valid_actions for t in trajectories) / max(turns, 1),
