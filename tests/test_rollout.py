@@ -20,7 +20,7 @@ def _scripted_core(cfg: RolloutConfig, tokenizer, corpus: str, reply: str) -> tu
     core.cfg, core.tokenizer, core.search_engine, core.policy_version = cfg, tokenizer, BM25Search(corpus), 0
     contexts: list[list[int]] = []
 
-    async def generate(context_ids, max_tokens, guided_regex=None, temperature=None) -> Generation:
+    async def generate(context_ids, max_tokens, guided_regex=None, temperature=None, stop=None) -> Generation:
         contexts.append(list(context_ids))
         ids = tokenizer.encode(reply, add_special_tokens=False)
         return Generation(ids, [-0.5] * len(ids), "stop")
