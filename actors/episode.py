@@ -66,6 +66,10 @@ class EpisodeConfig:
             every turn after an ``<information>`` but the last, the policy writes its thought up to ``</think>``, the
             environment writes ``OPENED_SEARCH`` (loss mask 0, like an observation), and the policy writes the query
             and goes on. A turn that acts before it closes its thought is left as it was.
+        train_opened_tag: train the opened tag as the policy's own tokens (loss mask 1), so that the choice to search
+            again is learned from the opened episodes themselves (``RolloutConfig.open_search_trains_tag``). Their
+            behaviour logprob is 0.0: the environment wrote them with probability 1, so an importance ratio against
+            it (TIS, or the engine's logprobs as π_old) is π_θ(tag), the ratio of an action the sampler forced.
     """
 
     max_turns: int = 2
@@ -74,6 +78,7 @@ class EpisodeConfig:
     max_obs_tokens: int = 512
     reward_metric: str = "f1"
     open_search: bool = False
+    train_opened_tag: bool = False
 
 
 @dataclass
@@ -130,7 +135,7 @@ async def run_episode(
         stats.turns += 1
         if thought is not None:  # the policy's thought, the environment's tag; the policy's query follows
             append(thought.token_ids, 1, thought.logprobs)
-            append(opened, 0)
+            append(opened, int(cfg.train_opened_tag))  # logprob 0.0 either way: written with probability 1
             stats.opened_searches += 1
             stats.generated_tokens += len(thought.token_ids)
         stats.generated_tokens += len(generation.token_ids)

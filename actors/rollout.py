@@ -45,6 +45,9 @@ class RolloutConfig:
             environment's (loss mask 0); the thought before it and the query after it are the policy's samples. A
             group whose opened episodes find what the others did not teaches, through the others' advantages, the
             choice to search again. Greedy episodes (validation, evaluation) are never opened.
+        open_search_trains_tag: also train the tag of the opened episodes as the policy's tokens
+            (``EpisodeConfig.train_opened_tag``): the choice to search again is then taught by the opened episodes'
+            own advantages, not only through the others'. Off by default; only with ``open_search_share > 0``.
         episode: per-episode limits (turns, token budgets, reward metric).
     """
 
@@ -57,11 +60,15 @@ class RolloutConfig:
     enable_prefix_caching: bool = True
     prompt: str = "agent"
     open_search_share: float = 0.0
+    open_search_trains_tag: bool = False
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.open_search_share <= 1.0:
             raise ValueError(f"rollout.open_search_share={self.open_search_share}: expected a share between 0 and 1")
+        if self.open_search_trains_tag and not self.open_search_share:
+            raise ValueError("rollout.open_search_trains_tag=true with rollout.open_search_share=0: no episode is "
+                             "opened, so there is no tag to train; set a share above 0")
 
 
 @dataclass
@@ -163,7 +170,8 @@ class RolloutCore:
         else:
             prompt_ids = self.prompt_ids(request.question)
         if opens_search(self.cfg.open_search_share, request.seed, temperature):
-            episode_cfg = dataclasses.replace(episode_cfg, open_search=True)
+            episode_cfg = dataclasses.replace(episode_cfg, open_search=True,
+                                              train_opened_tag=self.cfg.open_search_trains_tag)
         turn = {"n": 0}
 
         async def generate(context: list[int], budget: int, stop: tuple[str, ...] | None = None) -> Generation:

@@ -50,6 +50,8 @@ CASES: dict[str, tuple[list[str], list[str], str | None]] = {
     "train-p-end-above-1": (TRAIN + WORLD + ["curriculum.p_end=1.5"], ["p_end", "[0, 1]", "1.5"], None),
     "train-open-search-share-above-1": (TRAIN + WORLD + ["rollout.open_search_share=2"],
                                         ["rollout.open_search_share=2", "between 0 and 1"], None),
+    "train-opened-tag-without-share": (TRAIN + WORLD + ["rollout.open_search_trains_tag=true"],
+                                       ["rollout.open_search_trains_tag=true", "open_search_share=0"], None),
     "train-prompts-per-step-above-train-set": (TRAIN + WORLD + ["train.prompts_per_step=100000"],
                                                ["train.prompts_per_step=100000", "train.parquet"], None),
     "train-resume-missing-folder": (TRAIN + WORLD + ["resume={tmp}/no-such-run"], ["no-such-run", "resume"], None),

@@ -156,6 +156,26 @@ def test_an_opened_turn_writes_the_search_tag_after_the_thought_with_mask_zero()
     assert result.reward == 1.0 and result.stats.finish_reason == "answer"
 
 
+def test_a_trained_opened_tag_has_mask_one_and_the_behaviour_logprob_of_a_forced_token():
+    turns = ("<think> who? </think>\n<search> Tavo Merin </search>", "<think> I read Rerza. </think>\n<answer> x",
+             " Rerza Foundry </search>", "<think> found </think>\n<answer> Rerza Foundry </answer>|")
+    untrained = run(opening_scripted(*turns), open_search=True)
+    trained = run(opening_scripted(*turns), open_search=True, train_opened_tag=True)
+    assert trained.response_ids == untrained.response_ids and trained.reward == untrained.reward == 1.0
+    tag = [ord(c) for c in "\n<search>"]
+    # The opened tag is the one that was masked without the flag (the first turn's tag was the policy's own).
+    start = next(i for i in range(len(trained.response_ids)) if trained.response_ids[i:i + len(tag)] == tag
+                 and untrained.loss_mask[i:i + len(tag)] == [0] * len(tag))
+    span = range(start, start + len(tag))
+    # The tag alone changes: mask 0 -> 1, and its logprob stays 0.0 (the environment wrote it with probability 1).
+    assert [trained.loss_mask[i] for i in span] == [1] * len(tag)
+    assert [trained.logprobs[i] for i in span] == [0.0] * len(tag)
+    others = [i for i in range(len(trained.loss_mask)) if i not in span]
+    assert [trained.loss_mask[i] for i in others] == [untrained.loss_mask[i] for i in others]
+    # The observations stay masked.
+    assert _spans_of(trained, 0)[0].startswith("\n\n<information>")
+
+
 def test_a_turn_that_acts_before_closing_its_thought_is_not_opened():
     generate = opening_scripted("<search> Tavo Merin </search>", "<answer> Rerza Foundry </answer>|")
     result = run(generate, open_search=True)

@@ -64,3 +64,18 @@ def test_open_search_opens_a_fixed_share_of_sampled_episodes_and_no_greedy_one()
         opens_search(1.0, seed, None) for seed in range(200))
     with pytest.raises(ValueError, match=r"rollout.open_search_share=1.5: expected a share between 0 and 1"):
         RolloutConfig(open_search_share=1.5)
+    with pytest.raises(ValueError, match=r"open_search_trains_tag=true with rollout.open_search_share=0"):
+        RolloutConfig(open_search_trains_tag=True)
+    assert RolloutConfig(open_search_share=0.5, open_search_trains_tag=True).open_search_trains_tag
+
+
+def test_the_engine_gap_leaves_out_trained_tokens_the_engine_did_not_sample():
+    from launch.driver.cluster import masked_gap
+    from learners.batch import LearnerSample
+
+    sample = LearnerSample(input_ids=[9, 1, 2, 3, 4, 5], prompt_len=1, loss_mask=[1, 1, 0, 1, 1],
+                           rollout_logprobs=[-1.0, 0.0, 0.0, -2.0, -0.5])
+    sample.old_logprobs = [-1.5, -9.0, -7.0, -2.0, -0.25]
+    # Sampled model tokens only: |−1 − (−1.5)|, |−2 − (−2)|, |−0.5 − (−0.25)|; the forced tag (0.0, mask 1) and the
+    # observation (mask 0) are out.
+    assert masked_gap([sample]) == pytest.approx((0.5 + 0.0 + 0.25) / 3)

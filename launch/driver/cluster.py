@@ -328,6 +328,9 @@ def init_ray(cfg: Config) -> None:
 
 def masked_gap(samples) -> float:
     """Mean |log π_engine − log π_learner| over the model tokens: how far the sampler's numbers are from the
-    learner's on the same weights (on CPU, fp32 both sides, this should be rounding noise)."""
-    gaps = [abs(e - o) for s in samples for e, o, m in zip(s.rollout_logprobs, s.old_logprobs, s.loss_mask) if m]
+    learner's on the same weights (on CPU, fp32 both sides, this should be rounding noise). A trained token the
+    engine did not sample (an opened search tag, ``rollout.open_search_trains_tag``) carries logprob 0.0 and is left
+    out: its gap is the policy's own doubt about the tag, not the engines' disagreement."""
+    gaps = [abs(e - o) for s in samples for e, o, m in zip(s.rollout_logprobs, s.old_logprobs, s.loss_mask)
+            if m and e != 0.0]
     return statistics.fmean(gaps) if gaps else 0.0
