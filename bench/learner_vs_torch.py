@@ -2,19 +2,21 @@
 
     python bench/learner_vs_torch.py [--model smollm2-135m-instruct] [--groups 2] [--group-size 4]
                                      [--prompt-tokens 250] [--response-tokens 64] [--observation-tokens 0]
-                                     [--rounds 2]
+                                     [--rounds 2] [--bf16]
 
 The batch is ``groups × group-size`` sequences; the samples of a group share their prompt, as GRPO's do.
 ``--observation-tokens N`` makes each response a search episode's: half the model's tokens, an ``<information>``
 block of N tokens under loss mask 0, then the other half (a SmolLM2 episode against BM25 measured 91 generated and 186
 observation tokens). Both sides
 compute the reference logprobs (a frozen copy of the model, no gradient) and then one update of the token-mean PPO
-loss on the same batch, in fp32 with the learner's CPU threads:
+loss on the same batch, in fp32 (or, with ``--bf16``, in bfloat16) with the learner's CPU threads:
 
 - ours: ``ReferenceActor`` and a one-rank ``LearnerGroup`` of ``PolicyActor`` (Ray actors, DeepSpeed ZeRO-2 on
   the CPU accelerator), with the CPU config's micro-batch budgets;
 - plain: an HF model with ``torch.optim.AdamW``, one forward and backward over the whole batch, logits kept only for
-  the response positions (``logits_to_keep``), the same loss terms (ratio, KL, entropy), masked as ours are.
+  the response positions (``logits_to_keep``), the same loss terms (ratio, KL, entropy), masked as ours are. In bf16
+  it is PyTorch's own mixed-precision recipe: fp32 weights and optimizer under ``torch.autocast``, and a bf16 copy of
+  the model for the reference, as ours keeps one (``learner.reference_bf16``).
 
 Each side runs ``--rounds`` timed updates after a warm-up one; the best counts. ``ratio`` is ours over plain in
 tokens/s (the batch's tokens, prompts included, per second of reference pass plus update); ``goal`` is 1.5, which
@@ -66,7 +68,7 @@ def best_of(rounds: int, update) -> float:
     return best
 
 
-def ours(model: str, samples, rounds: int, threads: int) -> float:
+def ours(model: str, samples, rounds: int, threads: int, bf16: bool) -> float:
     import ray
 
     from learners.config import LearnerConfig
@@ -74,12 +76,12 @@ def ours(model: str, samples, rounds: int, threads: int) -> float:
     from learners.policy import PolicyActor
     from learners.reference import ReferenceActor
 
-    cfg = LearnerConfig(bf16=False, lr=1e-6, warmup_steps=0, micro_batch_tokens=2048,
+    cfg = LearnerConfig(bf16=bf16, lr=1e-6, warmup_steps=0, micro_batch_tokens=2048,
                         logprob_micro_batch_tokens=4096, cpu_threads=threads)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         learners = LearnerGroup(PolicyActor, 1, model, cfg, num_cpus=1, timeout_s=1800)
-        reference = ray.remote(ReferenceActor).options(num_cpus=0.5).remote(model, bf16=False, micro_batch_tokens=4096,
+        reference = ray.remote(ReferenceActor).options(num_cpus=0.5).remote(model, bf16=bf16, micro_batch_tokens=4096,
                                                                   cpu_threads=threads)
 
         def update() -> None:
@@ -92,7 +94,9 @@ def ours(model: str, samples, rounds: int, threads: int) -> float:
         ray.shutdown()
 
 
-def plain(model_path: str, samples, rounds: int, threads: int) -> float:
+def plain(model_path: str, samples, rounds: int, threads: int, bf16: bool) -> float:
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +105,9 @@ def plain(model_path: str, samples, rounds: int, threads: int) -> float:
 
     torch.set_num_threads(threads)
     policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    frozen = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().requires_grad_(False)
+    frozen = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    frozen = frozen.eval().requires_grad_(False)
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
     ids = torch.tensor([s.input_ids for s in samples])
     prompt, response = samples[0].prompt_len, samples[0].response_len
@@ -116,7 +122,8 @@ def plain(model_path: str, samples, rounds: int, threads: int) -> float:
     def update() -> None:
         with torch.no_grad():
             ref, _ = response_logprobs(frozen)
-        logp, logits = response_logprobs(policy)
+        with precision():
+            logp, logits = response_logprobs(policy)
         pg, _ = policy_gradient_loss(logp, logp.detach(), advantages, 0.2, None, None, loss_mask=mask)
         loss = (combine_policy_loss(pg, kl_estimate(logp, ref, "low_var_kl"), entropy_from_logits(logits),
                                     0.001, 0.001) * mask).sum() / mask.sum()
@@ -137,6 +144,7 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--observation-tokens", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="both sides in bfloat16 (fp32 master weights)")
     args = parser.parse_args()
 
     from transformers import AutoConfig
@@ -148,8 +156,8 @@ def main() -> None:
     samples = make_batch(args.groups, args.group_size, args.prompt_tokens, args.response_tokens,
                          AutoConfig.from_pretrained(model).vocab_size, args.observation_tokens)
     tokens = sum(len(s.input_ids) for s in samples)
-    ours_s = ours(model, samples, args.rounds, threads)
-    plain_s = plain(model, samples, args.rounds, threads)
+    ours_s = ours(model, samples, args.rounds, threads, args.bf16)
+    plain_s = plain(model, samples, args.rounds, threads, args.bf16)
     print(json.dumps({
         "ratio": round(plain_s / ours_s, 3),
         "goal": GOAL,
@@ -163,7 +171,7 @@ def main() -> None:
         "observation_tokens": args.observation_tokens,
         "prompt_share": round(args.prompt_tokens / (tokens / len(samples)), 3),
         "threads": threads,
-        "precision": "fp32",
+        "precision": "bf16" if args.bf16 else "fp32",
     }, indent=2))
 
 

@@ -209,7 +209,10 @@ def scenario_exact(out_dir: str) -> dict:
         s.input_ids[-1] = (s.input_ids[-1] + 17) % 5000 + 100  # last response token is an observation (mask 0)
     masked = PolicyCore(path, _exact_config(micro_batch_tokens=10_000))
     delta_masked, _ = _update(masked, perturbed)
-    del one, many, masked
+    # Clipping to a quarter of the norm: the update shrinks to a quarter, and the metric is the norm before clipping.
+    clipped = PolicyCore(path, _exact_config(micro_batch_tokens=10_000, grad_clip=metrics_one["actor/grad_norm"] / 4))
+    delta_clipped, metrics_clipped = _update(clipped, samples)
+    del one, many, masked, clipped
 
     # Mini-batches: 8 on-policy samples in mini-batches of 4 are 2 optimizer steps of one update at one rate. With no
     # old logprobs the ratio is 1, so with the KL and entropy off each step's token-mean loss is −Σ m·A / Σ m over
@@ -246,6 +249,8 @@ def scenario_exact(out_dir: str) -> dict:
         "pg_losses": [metrics_one["actor/pg_loss"], metrics_many["actor/pg_loss"]],
         "clip_fracs": [metrics_one["actor/clip_frac"], metrics_many["actor/clip_frac"]],
         "update_norm": sum(float(d.double().norm() ** 2) for d in delta_one.values()) ** 0.5,
+        "clipped_update_norm": sum(float(d.double().norm() ** 2) for d in delta_clipped.values()) ** 0.5,
+        "clipped_grad_norm": metrics_clipped["actor/grad_norm"],
         "mini_losses": [entry["loss"] for entry in first_update],
         "mini_hand": hand,
         "mini_lrs": [entry["lr"] for entry in first_update] + [entry["lr"] for entry in mini.step_log],
@@ -306,15 +311,24 @@ def test_learner_config_defaults_and_yaml_presets():
     from omegaconf import OmegaConf
 
     from learners.config import LearnerConfig
-    from learners.engine import deepspeed_config, warmup_factor
+    from learners.engine import deepspeed_config, warmup_factor, zero_stage
 
     cfg = LearnerConfig()
     assert cfg.resolved_warmup_steps() == 192  # int(0.95 * 203), the paper's actor warmup
     assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg, world_size=2)
     assert ds["optimizer"]["params"]["lr"] == 1e-6 and ds["gradient_clipping"] == 1.0
-    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and "data_types" not in ds
+    # One rank has nothing to shard: fp32 runs without ZeRO (the core clips), bf16 as DeepSpeed's BF16_Optimizer.
+    fp32 = deepspeed_config(LearnerConfig(bf16=False), world_size=1)
+    assert fp32["zero_optimization"]["stage"] == 0 and fp32["gradient_clipping"] == 0.0
+    bf16 = deepspeed_config(cfg, world_size=1)
+    assert bf16["zero_optimization"]["stage"] == 1 and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert bf16["gradient_clipping"] == 1.0
+    offload = LearnerConfig(bf16=False, extra_deepspeed={"zero_optimization": {"stage": 2, "offload_optimizer": {}}})
+    assert zero_stage(offload, world_size=1) == 2 and deepspeed_config(offload, 1)["gradient_clipping"] == 1.0
+    assert deepspeed_config(LearnerConfig(zero_stage=3), world_size=1)["zero_optimization"]["stage"] == 3
     conf_dir = REPO_ROOT / "conf" / "learner"
     schema = OmegaConf.structured(LearnerConfig)
     default = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(conf_dir / "default.yaml")))
@@ -380,6 +394,8 @@ def test_gradient_accumulation_is_exact_and_mask_zero_tokens_do_not_count(tmp_pa
     assert one == 1 and many >= 3
     # In the linear regime of the huge-ε AdamW the update is lr/ε times the gradient the optimizer was given.
     assert result["update_norm"] == pytest.approx(result["grad_norms"][0] * 100.0 / 1e4, rel=1e-2)
+    assert result["clipped_update_norm"] == pytest.approx(result["update_norm"] / 4, rel=1e-2)
+    assert result["clipped_grad_norm"] == pytest.approx(result["grad_norms"][0], rel=1e-5)
     assert result["rel_diff_split"] < 1e-4, result
     assert result["grad_norms"][0] == pytest.approx(result["grad_norms"][1], rel=1e-5)
     assert result["pg_losses"][0] == pytest.approx(result["pg_losses"][1], rel=1e-5)
