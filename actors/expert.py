@@ -54,6 +54,14 @@ EVIDENCE_THOUGHTS = (
     "According to the results, {evidence}",
     "The information says: {evidence}",
 )
+# The same quotes, naming the query whose results they read: with two searches in the context, the name just
+# searched points the quote at the last block (warmup.cite_query).
+QUERY_EVIDENCE_THOUGHTS = (
+    "The documents on {query} say: {evidence}",
+    "Searching {query}, I read that {evidence}",
+    "According to the results for {query}, {evidence}",
+    "The information about {query} says: {evidence}",
+)
 EVIDENCE_MAX_WORDS = 40
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -177,12 +185,14 @@ async def write_demonstration(
     max_prompt_tokens: int | None = None,
     query_style: str = "question",
     cite_evidence: bool = False,
+    cite_query: bool = False,
 ) -> Demonstration:
     """One demonstration: the expert searches the question, reads the real result, and answers with the gold answer.
     ``seed`` picks the phrasing of its two thoughts. ``query_style`` picks how the question becomes a query
     (``QUERY_STYLES``: the question, the name it is about, or that name and its keywords). ``cite_evidence``: the
     answering thought quotes the retrieved sentence that holds the answer (``evidence_sentence``) instead of saying
-    only that the results hold it."""
+    only that the results hold it; ``cite_query`` makes that quote name the query first ("Searching Tavo Merin, I
+    read that …")."""
     k = 0 if seed is None else seed
     search_thought = SEARCH_THOUGHTS[k % len(SEARCH_THOUGHTS)].format(topic=_topic(question))
     query = QUERY_STYLES[query_style](question)
@@ -192,7 +202,11 @@ async def write_demonstration(
         pick = (k // len(SEARCH_THOUGHTS)) % len(ANSWER_THOUGHTS)
         evidence = cite_evidence and evidence_sentence(
             information_text(tokenizer.decode(context_ids, skip_special_tokens=True)), golden_answers)
-        return EVIDENCE_THOUGHTS[pick].format(evidence=evidence) if evidence else ANSWER_THOUGHTS[pick]
+        if not evidence:
+            return ANSWER_THOUGHTS[pick]
+        if cite_query:
+            return QUERY_EVIDENCE_THOUGHTS[pick].format(query=query, evidence=evidence)
+        return EVIDENCE_THOUGHTS[pick].format(evidence=evidence)
 
     async def generate(context_ids: list[int], budget: int) -> Generation:
         nonlocal written

@@ -13,6 +13,8 @@ second-search share; ``goal`` is 0.1, below which a 10-step run of 4 × 8 episod
 
 ``opened_share`` counts the episodes whose second turn was opened for a search (``rollout.open_search_share=…``);
 ``twice_answered_share`` and ``twice_reward`` say whether the last turn answers after a second ``<information>``.
+``bridge_read_share``: of the episodes that found the bridge, the share whose last thought holds the gold answer (it
+read the block that has it), so reading and answering can be told apart.
 
 ``--model`` is an HF folder (default: the warm-up policy of the training config, built first when it is not in the
 cache). ``key=value`` overrides that config as on the training command line (``warmup.name_query_share=0.5``).
@@ -25,6 +27,7 @@ import argparse
 import collections
 import functools
 import json
+import re
 import statistics
 import sys
 import time
@@ -42,6 +45,11 @@ def default_policy(cfg, files) -> str:
 
     path, _ = warm_up(cfg, resolve_model(cfg.model.name), files["train"], files["corpus"], Path(tempfile.mkdtemp()))
     return path
+
+
+def last_thought(response_text: str) -> str:
+    thoughts = re.findall(r"<think>(.*?)</think>", response_text, re.DOTALL)
+    return thoughts[-1] if thoughts else ""
 
 
 def episode_row(trajectories, two_hop: bool) -> dict[str, float]:
@@ -67,6 +75,8 @@ def episode_row(trajectories, two_hop: bool) -> dict[str, float]:
         row["bridge_found_share"] = round(len(found) / len(trajectories), 3)
         if found:
             row["bridge_found_reward"] = round(statistics.fmean(t.reward for t in found), 3)
+            row["bridge_read_share"] = round(statistics.fmean(
+                contains_answer(last_thought(t.response_text), t.golden_answers) for t in found), 3)
         # Groups where an episode that found the bridge outscored the group: the gradient RL needs.
         best = {g: max(r) for g, r in groups.items()}
         row["groups_with_a_bridge"] = round(statistics.fmean(

@@ -246,6 +246,9 @@ class WarmupConfig:
         cite_evidence: the answering thought quotes the retrieved sentence that holds the answer ("I read that Tavo
             Merin works for Dravik Group.") instead of a stock phrase. It teaches reading the information, and it puts
             the names the first results mention into the policy's own words, where a second query can pick them up.
+        cite_query: with ``cite_evidence``, the quote first names the query whose results it read ("Searching Tavo
+            Merin, I read that …"). Still one search; after a second search the name just searched is the one to
+            read about, so the quote can follow the last block instead of the first.
     """
 
     demonstrations: int = 128
@@ -261,6 +264,7 @@ class WarmupConfig:
     name_query_share: float = 0.0
     keyword_query_share: float = 0.0
     cite_evidence: bool = False
+    cite_query: bool = False
 
 
 @dataclass

@@ -161,6 +161,21 @@ def test_a_demonstration_that_cites_evidence_quotes_what_it_read_before_answerin
         assert last_turn.strip().endswith(f"<answer> {x.golden_answers[0]} </answer>")
 
 
+def test_a_quote_that_cites_its_query_names_what_was_searched(single_hop, bm25, tokenizer):
+    from actors.expert import QUERY_EVIDENCE_THOUGHTS, entity_query, evidence_sentence
+
+    cfg = EpisodeConfig(max_obs_tokens=400)
+    for x in single_hop[:4]:
+        demo = asyncio.run(write_demonstration(x.question, x.golden_answers, bm25, tokenizer, cfg, seed=1,
+                                               query_style="name", cite_evidence=True, cite_query=True))
+        evidence = evidence_sentence(information_text(demo.response_text), x.golden_answers)
+        name = entity_query(x.question)
+        last_turn = demo.response_text.split(OBSERVATION_TAIL.strip())[-1]
+        assert f"<search> {name} </search>" in demo.response_text
+        assert QUERY_EVIDENCE_THOUGHTS[0].format(query=name, evidence=evidence) in last_turn
+        assert demo.response_text.count("<search>") == 1
+
+
 def test_most_single_hop_demonstrations_are_grounded(single_hop, bm25, tokenizer):
     demos = [_demo(x, bm25, tokenizer) for x in single_hop[:40]]
     assert sum(d.grounded for d in demos) >= 36  # measured: 40 of 40 with top 3 on this world

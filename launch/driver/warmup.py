@@ -66,12 +66,13 @@ def query_styles(n: int, name_share: float, keyword_share: float, seed: int) -> 
 
 
 async def _write_all(examples, engine, tokenizer, episode_cfg, max_prompt_tokens: int, styles: list[str],
-                     cite_evidence: bool):
+                     cite_evidence: bool, cite_query: bool):
     from actors.expert import write_demonstration
 
     return await asyncio.gather(*[
         write_demonstration(x.question, x.golden_answers, engine, tokenizer, episode_cfg, seed=i,
-                            max_prompt_tokens=max_prompt_tokens, query_style=style, cite_evidence=cite_evidence)
+                            max_prompt_tokens=max_prompt_tokens, query_style=style, cite_evidence=cite_evidence,
+                            cite_query=cite_query)
         for i, (x, style) in enumerate(zip(examples, styles))
     ])
 
@@ -95,7 +96,7 @@ def write_demonstrations(cfg: Config, policy_path: str, train_file: Path, corpus
         chunk = examples[start:start + 4 * w.demonstrations]
         styles = query_styles(len(chunk), w.name_query_share, w.keyword_query_share, w.seed + start)
         demos = asyncio.run(_write_all(chunk, engine, tokenizer, episode_cfg, cfg.rollout.max_prompt_tokens, styles,
-                                       w.cite_evidence))
+                                       w.cite_evidence, w.cite_query))
         written += len(demos)
         kept.extend(d for d in demos if d.grounded)
         if len(kept) >= w.demonstrations:
