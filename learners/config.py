@@ -16,7 +16,8 @@ class LearnerConfig:
 
     Attributes:
         zero_stage: DeepSpeed ZeRO stage 0-3. 2 shards optimizer state and gradients across data-parallel ranks; 3 also
-            shards the weights (publishing and exporting then gather them on rank 0).
+            shards the weights (publishing and exporting then gather them on rank 0). One rank runs 1 and 2 unsharded
+            (``engine.zero_stage``): there is nothing to shard.
         bf16: train in bfloat16 with fp32 master weights kept by DeepSpeed. Off gives plain fp32 (exact tests).
         gradient_checkpointing: recompute activations in the backward pass; trades compute for memory.
         lr: peak learning rate (the paper's actor: 1e-6).
