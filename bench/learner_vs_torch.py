@@ -11,8 +11,8 @@ observation tokens). Both sides
 compute the reference logprobs (a frozen copy of the model, no gradient) and then one update of the token-mean PPO
 loss on the same batch, in fp32 (or, with ``--bf16``, in bfloat16) with the learner's CPU threads:
 
-- ours: ``ReferenceActor`` and a one-rank ``LearnerGroup`` of ``PolicyActor`` (Ray actors, DeepSpeed ZeRO-2 on
-  the CPU accelerator), with the CPU config's micro-batch budgets;
+- ours: ``ReferenceActor`` and a one-rank ``LearnerGroup`` of ``PolicyActor`` (Ray actors, DeepSpeed on the CPU
+  accelerator, unsharded on one rank), with the CPU config's micro-batch budgets;
 - plain: an HF model with ``torch.optim.AdamW``, one forward and backward over the whole batch, logits kept only for
   the response positions (``logits_to_keep``), the same loss terms (ratio, KL, entropy), masked as ours are. In bf16
   it is PyTorch's own mixed-precision recipe: fp32 weights and optimizer under ``torch.autocast``, and a bf16 copy of

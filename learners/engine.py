@@ -90,11 +90,14 @@ def zero_stage(cfg: LearnerConfig, world_size: int) -> int:
     There the sharded optimizer still copies every gradient into its flat buffers in the backward and every weight back
     out after the step. On one rank fp32 runs without ZeRO (stage 0), and bf16 runs stage 1, which DeepSpeed then
     serves with its unsharded ``BF16_Optimizer`` (fp32 master weights and gradient sums, see ``deepspeed_config``).
-    On a 2-core CPU, one SmolLM2-135M update of 8 sequences took 10.2 s at stage 2 in fp32 (7.2 s of it backward, 0.9 s
-    the optimizer step) against 7.9 s at stage 0 (5.0 s, 0.3 s). Offloading the optimizer (``extra_deepspeed``)
-    needs ZeRO, so it keeps the stage; stage 3 keeps it too (it also partitions the weights)."""
-    offload = "offload_optimizer" in cfg.extra_deepspeed.get("zero_optimization", {})
-    if world_size == 1 and cfg.zero_stage in (1, 2) and not offload:
+    On a 2-core CPU, one SmolLM2-135M update of 8 sequences took 10.2 s at stage 2 in fp32 (7.2 s of it backward, 0.83 s
+    the optimizer step) against 7.4 s at stage 0 (4.8 s, 0.26 s). A ZeRO section in ``extra_deepspeed`` replaces the
+    generated one whole (the 7B presets offload the optimizer that way, which needs ZeRO), so its stage is the one
+    that runs."""
+    own = cfg.extra_deepspeed.get("zero_optimization")
+    if own is not None:
+        return int(own.get("stage", 0))
+    if world_size == 1 and cfg.zero_stage in (1, 2):
         return 1 if cfg.bf16 else 0
     return cfg.zero_stage
 
@@ -124,7 +127,7 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int = 1) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.bf16 and config["zero_optimization"]["stage"] == 1:
+    if cfg.bf16 and stage == 1 and world_size == 1:
         # With fp32 gradient accumulation DeepSpeed runs stage 1 as its BF16_Optimizer (fp32 master weights and
         # gradient sums, no sharding); bf16 sums would round each micro-batch's share away.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -176,7 +179,7 @@ class DeepSpeedCore:
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, D.world_size()),
         )
-        self.clips_gradients = clips_gradients(cfg, zero_stage(cfg, D.world_size()))
+        self.clips_gradients = clips_gradients(cfg, self.engine.zero_optimization_stage())
         self.last_grad_norm = float("nan")
         self.global_step = 0  # optimizer steps
         self.updates = 0  # train_step calls (RL steps); the learning-rate schedule counts these

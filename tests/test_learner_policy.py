@@ -328,6 +328,10 @@ def test_learner_config_defaults_and_yaml_presets():
     assert bf16["gradient_clipping"] == 1.0
     offload = LearnerConfig(bf16=False, extra_deepspeed={"zero_optimization": {"stage": 2, "offload_optimizer": {}}})
     assert zero_stage(offload, world_size=1) == 2 and deepspeed_config(offload, 1)["gradient_clipping"] == 1.0
+    # A ZeRO section of the user's own is taken as written, so the clipping follows the stage that runs.
+    own = LearnerConfig(bf16=False, extra_deepspeed={"zero_optimization": {"stage": 2}})
+    assert zero_stage(own, world_size=1) == 2 and deepspeed_config(own, 1)["gradient_clipping"] == 1.0
+    assert "data_types" not in deepspeed_config(LearnerConfig(zero_stage=1), world_size=2)
     assert deepspeed_config(LearnerConfig(zero_stage=3), world_size=1)["zero_optimization"]["stage"] == 3
     conf_dir = REPO_ROOT / "conf" / "learner"
     schema = OmegaConf.structured(LearnerConfig)
