@@ -131,6 +131,7 @@ class RolloutCore:
                        temperature: float | None = None, stop: tuple[str, ...] | None = None) -> Generation:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         max_tokens = min(max_tokens, self.max_model_len - len(context_ids))
         if max_tokens <= 0:
@@ -148,6 +149,7 @@ class RolloutCore:
             stop=list(stop or STOP_STRINGS),
             include_stop_str_in_output=True,
             logprobs=0,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one result per turn: no per-token outputs to build and await
             **extra,
         )
         final = None
@@ -284,18 +286,23 @@ class RolloutCore:
         return [step[token].logprob for step, token in zip(final.prompt_logprobs[1:], token_ids[1:])]
 
 
-    async def raw_generate(self, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
-        """One batch of plain single-turn generations of exactly ``max_tokens`` each: the engine's raw throughput.
+    async def raw_generate(self, prompts: list[list[int]], max_tokens: int | list[int]) -> dict[str, float]:
+        """One batch of plain single-turn generations of exactly ``max_tokens`` each (one count for all, or one per
+        prompt): the engine's raw throughput.
 
-        The yardstick for multi-turn rollouts on the same engine: no stop strings, no search, no re-prefill of
-        observations, every request submitted at once.
+        The yardstick for multi-turn rollouts on the same engine and the same sampling: no stop strings, no search,
+        no re-prefill of observations, every request submitted at once.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=self.cfg.temperature, ignore_eos=True)
+        counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
 
-        async def one(ids: list[int]) -> int:
+        async def one(ids: list[int], count: int) -> int:
+            # The training's sampling, top-p included: on CPU its sort of the vocabulary is a large part of a step.
+            params = SamplingParams(max_tokens=count, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                    top_k=self.cfg.top_k, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
             final = None
             async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params,
                                                   request_id=uuid.uuid4().hex):
@@ -303,7 +310,7 @@ class RolloutCore:
             return len(final.outputs[0].token_ids)
 
         started = time.perf_counter()
-        tokens = sum(await asyncio.gather(*[one(ids) for ids in prompts]))
+        tokens = sum(await asyncio.gather(*[one(ids, count) for ids, count in zip(prompts, counts)]))
         seconds = time.perf_counter() - started
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
@@ -352,7 +359,7 @@ class RolloutActor:
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         return await self.core.prompt_logprobs(token_ids)
 
-    async def raw_generate(self, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+    async def raw_generate(self, prompts: list[list[int]], max_tokens: int | list[int]) -> dict[str, float]:
         return await self.core.raw_generate(prompts, max_tokens)
 
     async def init_weight_group(self, *args) -> list[int]:

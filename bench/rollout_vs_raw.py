@@ -7,7 +7,10 @@ config's model, dtype and engine settings; the warmed-up policy, from the warm-u
 simulator shares the cores. It runs ``--prompts`` training questions × ``--group`` episodes of the search protocol,
 then plain single-turn ``generate`` of the same prompts at the same mean number of generated tokens per episode
 (``raw_generate``: every request at once, no stop strings, no searches, no observation prefill). ``ratio`` is the
-rollout's generated tokens/s over the plain one's; ``goal`` is 0.85. The episodes' own time split (generation,
+rollout's generated tokens/s over the plain one's; ``goal`` is 0.85. ``ratio_same_work`` compares against a third
+pass that does the rollout's work in one go: each prompt followed by its episode's observation tokens, generating the
+as many tokens as that episode did, so that it prefills and decodes what the rollout did and leaves out only the
+turns. Every pass samples as training does (temperature, top-p, top-k). The episodes' own time split (generation,
 search) is reported beside it, so that a miss says where the time went. Any Hydra override of the training config
 applies (``rollout.enable_prefix_caching=false``, ``model.dtype=bfloat16``, ``search=simulated`` to put the simulator
 pool in place). Prints one JSON object.
@@ -40,6 +43,11 @@ def compose(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return OmegaConf.to_object(hydra_compose("config", overrides=["search=bm25", *overrides,
                                                                       "logger.run_dir=unused"]))
+
+
+def observation_ids(episode) -> list[int]:
+    """The tokens the environment wrote into an episode (loss mask 0): what its later turns had to prefill."""
+    return [token for token, mask in zip(episode.response_ids, episode.loss_mask) if not mask]
 
 
 def main() -> None:
@@ -91,6 +99,12 @@ def main() -> None:
             generated = sum(t.stats.generated_tokens for t in episodes)
             per_episode = max(1, round(generated / len(episodes)))
             raw = ray.get(actor.raw_generate.remote([t.prompt_ids for t in episodes], per_episode), timeout=limit)
+            # The same work in one pass: each prompt followed by its episode's observation tokens, decoding as many
+            # tokens as that episode did, so that the engine prefills and decodes what the rollout did. What remains
+            # is the turns themselves: a later turn waits for the one before it.
+            matched = ray.get(actor.raw_generate.remote([t.prompt_ids + observation_ids(t) for t in episodes],
+                                                        [max(1, t.stats.generated_tokens) for t in episodes]),
+                              timeout=limit)
     finally:
         ray.shutdown()
 
@@ -100,19 +114,24 @@ def main() -> None:
         "goal": GOAL,
         "rollout_tokens_per_s": round(rollout_tps, 1),
         "raw_generate_tokens_per_s": round(raw["tokens_per_s"], 1),
+        "ratio_same_work": round(rollout_tps / matched["tokens_per_s"], 3),
+        "raw_same_work_tokens_per_s": round(matched["tokens_per_s"], 1),
         "episodes": len(episodes),
         "generated_tokens": generated,
         "tokens_per_episode": per_episode,
+        "tokens_per_episode_max": max(t.stats.generated_tokens for t in episodes),
         "turns_per_episode": round(statistics.fmean(t.stats.turns for t in episodes), 2),
         "searches_per_episode": round(statistics.fmean(t.stats.searches for t in episodes), 2),
         "observation_tokens_per_episode": round(statistics.fmean(t.stats.observation_tokens for t in episodes), 1),
         "rollout_s": round(rollout_s, 2),
         "raw_s": round(raw["seconds"], 2),
+        "raw_same_work_s": round(matched["seconds"], 2),
         "episode_generation_s_mean": round(statistics.fmean(t.stats.generation_s for t in episodes), 2),
         "episode_search_s_mean": round(statistics.fmean(t.stats.search_s for t in episodes), 3),
         "search": cfg.search.engine,
         "dtype": cfg.model.dtype,
         "prefix_caching": bool(engine_kwargs.get("enable_prefix_caching", False)),
+        "kv_block_size": engine_kwargs.get("block_size"),
     }, indent=2))
 
 

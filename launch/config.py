@@ -111,6 +111,9 @@ class ClusterConfig:
         simulator_gpus: GPUs per simulator server (0 on CPU).
         simulator_tensor_parallel: tensor-parallel size of each simulator server.
         vllm_cpu_kvcache_gb: KV-cache size per vLLM engine on the CPU build (VLLM_CPU_KVCACHE_SPACE).
+        kv_block_size: tokens per KV-cache block of the policy engines, the prefix cache's unit: a later turn reuses
+            the full blocks of the history it shares and recomputes the rest. ``None``: vLLM's default (128 on the
+            CPU build, 16 on GPUs). The CPU kernels take multiples of 32.
         gpu_memory_utilization: vLLM's memory share; low on CPU, where the default 0.92 fails.
         actor_start_timeout_s: how long to wait for an actor to come up before failing the run.
         weight_sync: how new weights reach the engines after each update. ``file``: learner rank 0 writes a
@@ -136,6 +139,7 @@ class ClusterConfig:
     simulator_gpus: float = 0
     simulator_tensor_parallel: int = 1
     vllm_cpu_kvcache_gb: float = 1.0
+    kv_block_size: int | None = None
     gpu_memory_utilization: float = 0.3
     actor_start_timeout_s: float = 600.0
     weight_sync: str = "file"

@@ -73,9 +73,10 @@ def test_every_command_reads_the_training_groups_and_starts_its_engine_by_one_re
     kwargs, env = policy_engine_options(train)
     assert kwargs == {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True,
                       "gpu_memory_utilization": 0.3, "seed": 7, "tensor_parallel_size": 1,
-                      "enable_prefix_caching": True}
+                      "enable_prefix_caching": True, "block_size": 32}  # the CPU cluster's prefix-cache unit
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "1"}
     two = _compose("evaluate", ["cluster.rollout_engines=2"])
     assert policy_engine_options(two)[1]["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     assert policy_engine_options(_compose("config", ["cluster.rollout_gpus=1"]))[1] == {}  # a GPU engine
+    assert "block_size" not in policy_engine_options(_compose("config", ["cluster.kv_block_size=null"]))[0]
     assert _compose("evaluate", ["search=simulated", "eval.limit=3"]).eval.limit == 3

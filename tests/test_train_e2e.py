@@ -84,6 +84,11 @@ def test_information_tokens_are_masked_on_real_trajectories(ray_local, tiny_llam
         first_masked = t.loss_mask.index(0)
         assert tokenizer.decode(t.response_ids[:first_masked]).startswith("<search>")
 
+    # The yardstick of bench/rollout_vs_raw.py: exactly the tokens asked for, one count for all or one per prompt.
+    prompts = [trajectories[0].prompt_ids, trajectories[1].prompt_ids]
+    assert ray_local.get(actor.raw_generate.remote(prompts, 4), timeout=600)["tokens"] == 8
+    assert ray_local.get(actor.raw_generate.remote(prompts, [3, 6]), timeout=600)["tokens"] == 9
+
 
 def _train(tmp_path, *overrides: str, timeout: int = 1200,
            env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:

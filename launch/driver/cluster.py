@@ -301,6 +301,8 @@ def policy_engine_options(cfg: Config) -> tuple[dict, dict[str, str]]:
                          gpu_memory_utilization=c.gpu_memory_utilization, seed=cfg.seed,
                          tensor_parallel_size=c.rollout_tensor_parallel,
                          enable_prefix_caching=cfg.rollout.enable_prefix_caching)
+    if c.kv_block_size:
+        engine_kwargs["block_size"] = c.kv_block_size
     if c.rollout_gpus:
         return engine_kwargs, {}
     return engine_kwargs, {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb))),
