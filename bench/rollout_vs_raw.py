@@ -8,7 +8,7 @@ simulator shares the cores. It runs ``--prompts`` training questions × ``--grou
 then plain single-turn ``generate`` of the same prompts at the same mean number of generated tokens per episode
 (``raw_generate``: every request at once, no stop strings, no searches, no observation prefill). ``ratio`` is the
 rollout's generated tokens/s over the plain one's; ``goal`` is 0.85. ``ratio_same_work`` compares against a third
-pass that does the rollout's work in one go: each prompt followed by its episode's observation tokens, generating the
+pass that does the rollout's work in one go: each prompt followed by its episode's observation tokens, generating
 as many tokens as that episode did, so that it prefills and decodes what the rollout did and leaves out only the
 turns. Every pass samples as training does (temperature, top-p, top-k). The episodes' own time split (generation,
 search) is reported beside it, so that a miss says where the time went. Any Hydra override of the training config
