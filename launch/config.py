@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from actors.rollout import RolloutConfig
 from launch.command_config import ComparisonConfig, EvalConfig, InferConfig, SimulationConfig
 from launch.driver.faults import FaultsConfig
+from launch.driver.replay import ReplayConfig
 from learners.config import LearnerConfig
 from simulator.config import SearchConfig, SimulatorConfig
 from simulator.curriculum import CurriculumConfig
@@ -283,6 +284,7 @@ class Config:
         eval: the evaluation's own settings (``launch.evaluate``; unused by training).
         infer: the inference session's own settings (``launch.infer``; unused by training).
         faults: faults injected on purpose (off by default).
+        replay: replay of rare successes, an exploration aid for sparse rewards (off by default).
         seed: seeds prompts order, rollouts and the learners.
         resume: ``off``; ``auto`` continues from the newest checkpoint in the run folder when there is one (else
             starts fresh); or the path of a run folder to continue in. Restores the learners' DeepSpeed states, the
@@ -306,6 +308,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     seed: int = 0
     resume: str = "off"
 

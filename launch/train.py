@@ -48,6 +48,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     from launch.driver.cluster import Cluster, init_ray
     from launch.driver.metrics import Progress, sample_rows, step_metrics
     from launch.driver.pipeline import RolloutQueue
+    from launch.driver.replay import SuccessReplay
     from launch.driver.run_logger import RunLogger
     from launch.driver.sampler import PromptSampler
     from launch.driver.warmup import warm_up
@@ -61,6 +62,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     sampler = PromptSampler(train_examples, seed=cfg.seed, shuffle=cfg.data.shuffle)
     val_examples = load_qa(files["val"])[: cfg.train.val_samples] if cfg.train.val_every else []
     curriculum = build_curriculum(cfg.curriculum)
+    replay = SuccessReplay(cfg.replay)
     policy_path = resolve_model(cfg.model.name)
     checkpoint = find_checkpoint(run_dir, cfg.resume)
     logger = RunLogger(run_dir, cfg.logger.wandb, cfg.logger.run_name, config_dict, resume=checkpoint is not None)
@@ -77,12 +79,12 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
         cluster = Cluster(cfg, policy_path, str(files["corpus"]), run_dir)
         first = 1
         if checkpoint is not None:
-            first = cluster.restore(checkpoint, curriculum, sampler) + 1
+            first = cluster.restore(checkpoint, curriculum, sampler, replay) + 1
             dropped = logger.truncate_after(first - 1)
             print(f"resumed from {checkpoint} (step {first - 1}; {dropped} later metrics rows dropped)", flush=True)
         rollouts = RolloutQueue(cluster.rollout, sampler, curriculum, cfg.train.prompts_per_step,
                                 cfg.train.total_steps, cfg.train.max_staleness, cfg.train.rollout_timeout_s,
-                                cfg.train.dynamic_filter, cfg.train.dynamic_filter_rounds)
+                                cfg.train.dynamic_filter, cfg.train.dynamic_filter_rounds, replay)
         progress = Progress(cfg.train.total_steps, first - 1)
         step = first - 1
         for step in range(first, cfg.train.total_steps + 1):
@@ -107,10 +109,12 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
             if stop.requested:
                 break
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.total_steps:
-                cluster.checkpoint(run_dir / "checkpoints", step, curriculum, batch.sampler_state, export_hf=False)
+                cluster.checkpoint(run_dir / "checkpoints", step, curriculum, batch.sampler_state, export_hf=False,
+                                   replay_state=batch.replay_state)
         progress.close()
         final = cluster.checkpoint(run_dir / "checkpoints", step, curriculum, batch.sampler_state,
-                                   export_hf=cfg.train.export_hf) if step >= first else checkpoint
+                                   export_hf=cfg.train.export_hf, replay_state=batch.replay_state
+                                   ) if step >= first else checkpoint
         if stop.requested:
             print(f"interrupted after step {step}: checkpoint written, exiting", flush=True)
         probe = {}

@@ -222,7 +222,8 @@ class Cluster:
         if hasattr(self, "weights"):
             self.weights.close()
 
-    def checkpoint(self, root: Path, step: int, curriculum, sampler_state: dict, export_hf: bool) -> Path:
+    def checkpoint(self, root: Path, step: int, curriculum, sampler_state: dict, export_hf: bool,
+                   replay_state: dict | None = None) -> Path:
         """DeepSpeed states (policy, critic), the driver's state and (at the end) an HF export, under
         ``root/step_<k>``. ``driver_state.json`` goes last: its presence marks the checkpoint complete."""
         from launch.driver.checkpoint import DRIVER_STATE, atomic_write_json, rng_state
@@ -235,10 +236,12 @@ class Cluster:
         if export_hf:
             self.learners.export_hf(str(folder / "hf"))
         state = {"step": step, "curriculum": curriculum.state_dict(), "sampler": sampler_state, "rng": rng_state()}
+        if replay_state is not None:
+            state["replay"] = replay_state
         atomic_write_json(folder / DRIVER_STATE, state)
         return folder
 
-    def restore(self, folder: Path, curriculum, sampler) -> int:
+    def restore(self, folder: Path, curriculum, sampler, replay=None) -> int:
         """Load a checkpoint written by ``checkpoint`` and put its weights on the engines; return its step."""
         from launch.driver.checkpoint import read_driver_state, set_rng_state
 
@@ -248,6 +251,8 @@ class Cluster:
             self.critic.load_checkpoint(str(folder / "critic"))
         curriculum.load_state_dict(state["curriculum"])
         sampler.load_state_dict(state["sampler"])
+        if replay is not None and "replay" in state:
+            replay.load_state_dict(state["replay"])
         set_rng_state(state["rng"])
         self.sync_weights(version=state["step"])
         return int(state["step"])

@@ -12,7 +12,7 @@ from actors.trajectory import Trajectory
 
 def step_metrics(batch, train_metrics, sync_metrics, t_score, t_train, t_step, t_wait, t_idle,
                   cluster) -> dict[str, float]:
-    trajectories = batch.trajectories
+    trajectories = batch.rolled_trajectories  # replayed episodes (``replay``) are trained on, not rolled this step
     metrics = rollout_metrics(trajectories)
     # The policy's score is over every group rolled; with dynamic filtering the groups trained on are a biased subset.
     metrics["critic/score/kept_mean"] = metrics["critic/score/mean"]
@@ -21,12 +21,12 @@ def step_metrics(batch, train_metrics, sync_metrics, t_score, t_train, t_step, t
     metrics.update(sync_metrics)
     generated = sum(t.stats.generated_tokens for t in trajectories)
     # The learners' weights before this step's update are version step − 1: that is the on-policy version.
-    staleness = [batch.step - 1 - t.policy_version for t in trajectories]
+    staleness = [batch.step - 1 - t.policy_version for t in batch.trajectories]
     metrics.update({
         "search/noise_prob": batch.noise_prob,
         "async/staleness_mean": statistics.fmean(staleness),
         "async/staleness_max": float(max(staleness)),
-        "async/policy_version_min": float(min(t.policy_version for t in trajectories)),
+        "async/policy_version_min": float(min(t.policy_version for t in batch.trajectories)),
         "data/groups_rolled": float(batch.groups_rolled),
         "data/signal_share": batch.signal_share,
         "data/filter_pass_rate": batch.pass_rate,
@@ -48,6 +48,7 @@ def step_metrics(batch, train_metrics, sync_metrics, t_score, t_train, t_step, t
     for key, value in cluster.pool_stats().items():
         if isinstance(value, (int, float)):
             metrics[f"simulator/{key}"] = float(value)
+    metrics.update(batch.replay_metrics)
     metrics.update(cluster.fault_metrics(batch))
     return metrics
 
@@ -82,7 +83,8 @@ class Progress:
             f"searches {m['search/calls_per_episode']:.2f}  signal {m['data/signal_share']:.2f}  "
             f"valid {m['episode/valid_action_share']:.2f}  entropy {m.get('actor/entropy', float('nan')):.3f}  "
             f"kl {m.get('actor/kl', 0.0):.4f}  step {m['timing_s/step']:.1f}s (gen {m['timing_s/gen']:.1f}s, "
-            f"score {m['timing_s/score']:.1f}s, train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)",
+            f"score {m['timing_s/score']:.1f}s, train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)"
+            + (f"  replay {m['replay/groups']:.0f} of {m['replay/buffer']:.0f} kept" if "replay/buffer" in m else ""),
             file=sys.stdout)
         self.silent = self.silent + 1 if m["data/signal_share"] == 0.0 else 0
         if self.silent == self.SILENT_STEPS:

@@ -12,6 +12,10 @@ sampler's live state (already past the prefetched steps), is what a checkpoint o
 Dynamic filtering (``train.dynamic_filter``) happens here too: a group whose rewards are all equal has zero GRPO
 advantage and teaches nothing, so it is dropped and replaced by groups of fresh prompts. The batch still records the
 reward of every episode rolled: that, not the kept groups' mean, is how well the policy did this step.
+
+Replay of rare successes (``replay.prompts``, ``launch/driver/replay.py``) happens here as well: a share of a step's
+questions comes from the buffer, and each kept episode joins its question's new group. A batch keeps the buffer's
+state after its own rollout, for its checkpoint, as it keeps the sampler's.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ class StepBatch:
     groups_informative: int = 0  # groups whose rewards are not all equal, of all rolled
     rounds: int = 1
     rolled_rewards: list[float] = field(default_factory=list)  # every episode rolled, kept by the filter or not
+    replay_state: dict[str, Any] | None = None  # the replay buffer after this batch's rollout (None: replay off)
+    replay_metrics: dict[str, float] = field(default_factory=dict)
+    replayed_uids: set[str] = field(default_factory=set)  # episodes of earlier steps that joined this batch's groups
+
+    @property
+    def rolled_trajectories(self) -> list:
+        """The trajectories sampled for this step: what the rollout metrics describe."""
+        return [t for t in self.trajectories if t.uid not in self.replayed_uids]
 
     @property
     def pass_rate(self) -> float:
@@ -70,8 +82,10 @@ class RolloutQueue:
     """The batches of the next steps, each collected by ``rollout(prompts, noise_prob, step, first_index)``."""
 
     def __init__(self, rollout: Callable, sampler, curriculum, prompts_per_step: int, total_steps: int,
-                 max_staleness: int, timeout_s: float, dynamic_filter: bool = False, filter_rounds: int = 0) -> None:
+                 max_staleness: int, timeout_s: float, dynamic_filter: bool = False, filter_rounds: int = 0,
+                 replay=None) -> None:
         self.rollout = rollout
+        self.replay = replay if replay is not None and replay.enabled else None
         self.sampler = sampler
         self.curriculum = curriculum
         self.prompts_per_step = prompts_per_step
@@ -114,17 +128,17 @@ class RolloutQueue:
     def _collect(self, step: int) -> StepBatch:
         started = time.perf_counter()
         noise_prob = self.curriculum.noise_prob(step)
-        prompts = self.sampler.next(self.prompts_per_step)
-        trajectories = self.rollout(prompts, noise_prob, step, 0)
-        batch = StepBatch(step, trajectories, noise_prob, [p.uid for p in prompts], {}, 0.0,
-                          rolled_rewards=[t.reward for t in trajectories])
+        replayed = self.replay.draw(self.prompts_per_step) if self.replay else []
+        prompts = [e.example for e in replayed] + self.sampler.next(self.prompts_per_step - len(replayed))
+        trajectories, rewards = self._rolled(prompts, noise_prob, step, 0, replayed)
+        batch = StepBatch(step, trajectories, noise_prob, [p.uid for p in prompts], {}, 0.0, rolled_rewards=rewards)
         if self.dynamic_filter:
             kept, rolled, n_kept = informative_groups(trajectories)
             first_index = len(prompts)
             while n_kept < self.prompts_per_step and batch.rounds <= self.filter_rounds:
                 more = self.sampler.next(self.prompts_per_step - n_kept)
-                refill = self.rollout(more, noise_prob, step, first_index)
-                batch.rolled_rewards += [t.reward for t in refill]
+                refill, rewards = self._rolled(more, noise_prob, step, first_index, [])
+                batch.rolled_rewards += rewards
                 fresh, fresh_rolled, fresh_kept = informative_groups(refill)
                 first_index += len(more)
                 kept, rolled, n_kept = kept + fresh, rolled + fresh_rolled, n_kept + fresh_kept
@@ -138,5 +152,21 @@ class RolloutQueue:
             _, batch.groups_rolled, batch.groups_informative = informative_groups(trajectories)
             batch.groups_kept = batch.groups_rolled
         batch.sampler_state = copy.deepcopy(self.sampler.state_dict())
+        if self.replay:
+            batch.replay_state, batch.replay_metrics = self.replay.state_dict(), self.replay.metrics()
+            batch.replayed_uids = set(self.replay.rejoined_uids)
         batch.gen_s = time.perf_counter() - started
         return batch
+
+    def _rolled(self, prompts: list, noise_prob: float, step: int, first_index: int,
+                replayed: list) -> tuple[list, list[float]]:
+        """The groups of ``prompts``, the first ``len(replayed)`` of which each get their replayed episode; and the
+        rewards of the episodes rolled now, which say how well the policy does (the replayed ones do not)."""
+        trajectories = self.rollout(prompts, noise_prob, step, first_index)
+        rewards = [t.reward for t in trajectories]
+        if not self.replay:
+            return trajectories, rewards
+        from launch.driver.sampler import group_ids
+
+        ids = group_ids(prompts, step, first_index)
+        return self.replay.observe(trajectories, dict(zip(ids, prompts)), dict(zip(ids, replayed))), rewards

@@ -58,5 +58,11 @@ def episode_requests(prompts: list, seed: int, step: int, first_index: int = 0) 
     A group id names one draw, not one question: when the sampler wraps an epoch inside a step the same question can
     be drawn twice, and keyed by its uid the two groups would merge into one group of 2G. ``first_index`` numbers
     the prompts of a refill round after those of the step's earlier rounds."""
-    return [EpisodeRequest(f"{p.uid}@{step}.{first_index + i}", p.question, p.golden_answers, p.data_source,
-                           seed=seed * 1_000_003 + step * 1000 + first_index + i) for i, p in enumerate(prompts)]
+    return [EpisodeRequest(group_id, p.question, p.golden_answers, p.data_source,
+                           seed=seed * 1_000_003 + step * 1000 + first_index + i)
+            for i, (p, group_id) in enumerate(zip(prompts, group_ids(prompts, step, first_index)))]
+
+
+def group_ids(prompts: list, step: int, first_index: int = 0) -> list[str]:
+    """The group id of each drawn prompt: its uid, the step and its place among the step's draws."""
+    return [f"{p.uid}@{step}.{first_index + i}" for i, p in enumerate(prompts)]
