@@ -99,8 +99,17 @@ def use_environment_build_dir() -> Path:
 
     torch's default build folder is one per user, shared by every environment. Two checkouts with their own
     environments then rebuild the same op over each other, each time the other one ran, and one may load the library
-    while the other rewrites it. One folder per environment builds each op once, at ``make setup``."""
+    while the other rewrites it. One folder per environment builds each op once, at ``make setup``.
+
+    The build runs the environment's own ``ninja`` (the pip package) whenever it has one. A shell's PATH may find
+    another first (a system ninja), while Ray's workers find the environment's: two ninja versions hash a command
+    line differently, so each took the other's build for a changed command and rebuilt the op, for 30-50 s, every
+    time a learner in one kind of process followed one in the other (twice in the first minutes of ``make test``)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if (Path(bin_dir) / "ninja").is_file() and path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 

@@ -515,3 +515,27 @@ def test_ops_build_inside_the_python_environment_unless_told_otherwise(tmp_path,
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a user's choice wins
     assert use_environment_build_dir() == tmp_path
+
+
+def test_ops_build_with_the_environments_own_ninja_whatever_the_path_finds_first(tmp_path, monkeypatch):
+    """Two ninja versions hash a command line differently and rebuild each other's builds: the environment's wins."""
+    import os
+    import shutil
+    import sys
+
+    from learners.distributed import use_environment_build_dir
+
+    own = Path(sys.executable).parent / "ninja"
+    if not own.is_file():
+        pytest.skip("this environment has no ninja of its own")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\n")
+    (other / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(other), str(own.parent), "/usr/bin"]))
+    assert shutil.which("ninja") == str(other / "ninja")
+    use_environment_build_dir()
+    assert shutil.which("ninja") == str(own)
+    assert os.environ["PATH"].split(os.pathsep) == [str(own.parent), str(other), "/usr/bin"]
+    use_environment_build_dir()  # idempotent
+    assert os.environ["PATH"].split(os.pathsep) == [str(own.parent), str(other), "/usr/bin"]
