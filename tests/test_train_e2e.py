@@ -111,7 +111,9 @@ PLANTED_SECRETS = {"SERPAPI_API_KEY": "planted-serpapi-4f1c9e", "WANDB_API_KEY":
 @pytest.mark.slow
 def test_training_steps_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    result, rows = _train(tmp_path, *TINY_RUN, *TINY_WARMUP, "train.val_every=2", "train.val_samples=4",
+    # Replay keeping every group's best episode (tiny-llama earns no reward to call a success): step 2 replays one.
+    replay = ["replay.prompts=1", "replay.min_reward=0.0", "replay.max_group_mean=1.0", "replay.grounded=false"]
+    result, rows = _train(tmp_path, *TINY_RUN, *TINY_WARMUP, *replay, "train.val_every=2", "train.val_samples=4",
                           env=PLANTED_SECRETS)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     for name, secret in PLANTED_SECRETS.items():
@@ -135,9 +137,18 @@ def test_training_steps_end_to_end(tmp_path):
     assert [r["search/noise_prob"] for r in rows] == pytest.approx([0.5 * (4**0.5 - 1) / 3, 0.5])
     assert rows[1]["actor/kl"] > 0.0  # the policy moved away from the reference after the first update
 
+    # Replay on the real stack: step 1 kept both groups' best, step 2 rolled one of those questions again beside one
+    # fresh draw, and trained on its groups with the kept episode in (2 x 2 rolled, 1 replayed).
+    assert rows[0]["replay/added"] == 2.0 and rows[0]["replay/groups"] == 0.0
+    assert rows[1]["replay/groups"] == 1.0 and rows[1]["data/groups_rolled"] == 2.0
+    batches = [json.loads(line) for line in (run_dir / "batches.jsonl").read_text().splitlines()]
+    assert batches[1]["prompts"][0] in batches[0]["prompts"] and batches[1]["prompts"][1] not in batches[0]["prompts"]
+
     checkpoint = run_dir / "checkpoints" / "step_2"
     state = json.loads((checkpoint / "driver_state.json").read_text())
-    assert state["step"] == 2 and state["sampler"]["position"] == 4
+    assert state["step"] == 2 and state["sampler"]["position"] == 3  # 2 + 1: step 2 drew one fresh question
+    kept = state["replay"]["entries"]  # the buffer resumes with the run
+    assert kept and all(e["trajectory"]["prompt_ids"] and e["uses"] >= 0 for e in kept)
     assert (run_dir / "curves.png").stat().st_size > 0
     assert list((run_dir / "wandb").glob("offline-run-*"))
     from transformers import AutoModelForCausalLM
