@@ -28,12 +28,17 @@ class EvalConfig:
             paper's prompt: the policy searches as it decides).
         limit: questions per benchmark, the first ones in file order (the paper: 500).
         timeout_s: bound on each method's whole pass over one benchmark.
+        in_flight: agent episodes each engine runs at once; the others wait their turn. Each generation call has
+            ``rollout.generate_timeout_s``, and a call that waits in the engine's queue behind hundreds of others
+            times out. With all 380 questions of the synthetic test split in flight on one CPU engine, a policy that
+            searches twice lost 255 of its episodes that way, which then scored as unanswered. 0: all at once.
     """
 
     benchmarks: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS))
     limit: int = 500
     timeout_s: float = 3600.0
+    in_flight: int = 64
 
 
 @dataclass

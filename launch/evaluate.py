@@ -66,6 +66,12 @@ def _benchmarks(cfg: Config) -> tuple[Path, dict[str, list], Path]:
     return data_dir, found, corpus
 
 
+def in_flight_chunks(requests: list, per_engine: int, engines: int) -> list[list]:
+    """``requests`` in consecutive chunks of ``per_engine`` per engine (0: one chunk), run one after another."""
+    size = per_engine * engines if per_engine > 0 else len(requests)
+    return [requests[i:i + size] for i in range(0, len(requests), max(size, 1))]
+
+
 def check_engine(engine: str, corpus: Path, url: str, timeout_s: float = 10.0) -> None:
     """Fail before any actor starts when the engine cannot serve: an unknown name, a local engine without a readable
     corpus, a SerpAPI key not set, or a retriever that does not answer. An engine that fails inside a rollout actor
@@ -136,8 +142,10 @@ def evaluate(cfg: Config) -> dict[str, Any]:
                 started = time.perf_counter()
                 if method == "agent":
                     deadline = started + cfg.eval.timeout_s
-                    by_uid = {t.group_id: t for group in engines.stream(requests, 1, 0.0, deadline, temperature=0.0,
-                                                                        what=f"agent on {name}")
+                    by_uid = {t.group_id: t for chunk in in_flight_chunks(requests, cfg.eval.in_flight,
+                                                                          len(engines.actors))
+                              for group in engines.stream(chunk, 1, 0.0, deadline, temperature=0.0,
+                                                          what=f"agent on {name}")
                               for t in group}
                     found = [EvalRecord.from_trajectory(name, e.question, by_uid[e.uid]) for e in examples]
                 else:

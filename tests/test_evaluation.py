@@ -114,3 +114,13 @@ def test_harness_runs_direct_rag_and_agent_on_the_synthetic_test_split(tmp_path)
         assert len(list(csv.DictReader(f))) == 6  # (direct, rag, agent) x (synthetic, avg)
     assert (out / "results.md").read_text().count("| agent |") == 6  # one row per metric table
     assert list((out / "wandb").glob("offline-run-*"))  # the W&B run with the results table
+
+
+def test_agent_episodes_run_in_chunks_of_in_flight_per_engine():
+    from launch.evaluate import in_flight_chunks
+
+    requests = list(range(10))
+    assert in_flight_chunks(requests, 3, 1) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert in_flight_chunks(requests, 3, 2) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
+    assert in_flight_chunks(requests, 0, 2) == [requests]
+    assert [r for chunk in in_flight_chunks(requests, 4, 1) for r in chunk] == requests  # nothing lost or repeated
