@@ -101,6 +101,16 @@ def test_an_entry_leaves_once_learned_or_used_up():
     assert not replay.entries and replay.metrics()["replay/retired"] == 1.0
 
 
+def test_counts_add_up_over_the_rounds_of_a_step_and_start_again_at_the_next_draw():
+    replay = SuccessReplay(ReplayConfig(prompts=1))
+    replay.draw(4)
+    replay.observe(_group("q0@1.0", [0.0, 1.0]), {"q0@1.0": _example(0)}, {})
+    replay.observe(_group("q1@1.1", [1.0, 0.0]), {"q1@1.1": _example(1)}, {})  # a refill round of the same step
+    assert replay.metrics()["replay/added"] == 2.0
+    replay.draw(4)
+    assert replay.metrics()["replay/added"] == 0.0 and replay.metrics()["replay/buffer"] == 2.0
+
+
 def test_the_oldest_entry_leaves_a_full_buffer_and_draws_are_oldest_first():
     replay = SuccessReplay(ReplayConfig(prompts=2, capacity=2))
     replay.draw(4)

@@ -99,8 +99,8 @@ class SuccessReplay:
         the trajectories with the replayed episodes in.
 
         ``examples`` maps each group id to the question it was rolled for; ``replayed`` maps the group ids of the
-        replayed questions to their entries."""
-        self.counts = defaultdict(int)
+        replayed questions to their entries. Called once per rollout round of a step (dynamic filtering refills);
+        the counts add up until the next ``draw``."""
         groups: dict[str, list[Trajectory]] = defaultdict(list)
         for t in trajectories:
             groups[t.group_id].append(t)
