@@ -104,7 +104,8 @@ def use_environment_build_dir() -> Path:
     The build runs the environment's own ``ninja`` (the pip package) whenever it has one. A shell's PATH may find
     another first (a system ninja), while Ray's workers find the environment's: two ninja versions hash a command
     line differently, so each took the other's build for a changed command and rebuilt the op, for 30-50 s, every
-    time a learner in one kind of process followed one in the other (twice in the first minutes of ``make test``)."""
+    time a learner in one kind of process followed one in the other (three times in the first 8 minutes of ``make
+    test``)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     bin_dir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "").split(os.pathsep)
