@@ -258,6 +258,29 @@ def test_warm_up_lowers_the_sft_loss_and_exports_a_loadable_policy(ray_local, ti
         str(tiny_llama_path), {})
 
 
+def test_the_cache_key_follows_the_data_content_not_where_or_when_it_was_written(tiny_llama_path, synthetic_world,
+                                                                                 tmp_path, monkeypatch):
+    import shutil
+    import time
+
+    from launch.driver import warmup
+
+    cfg = _warmup_config(tmp_path)
+    files = [synthetic_world["train"], synthetic_world["corpus"]]
+    key = warmup.cache_key(cfg, str(tiny_llama_path), files)
+    time.sleep(0.01)  # a later write: another modification time
+    copies = [shutil.copy(f, tmp_path / f.name) for f in files]  # the same world, written again elsewhere
+    assert warmup.cache_key(cfg, str(tiny_llama_path), copies) == key
+    with open(copies[1], "a") as f:  # one more document: another world
+        f.write('{"id": "extra", "contents": "x"}\n')
+    assert warmup.cache_key(cfg, str(tiny_llama_path), copies) != key
+    # Past the size limit a file is keyed by size and time, without reading it: a rewrite then builds anew.
+    monkeypatch.setattr(warmup, "CONTENT_KEY_MAX_BYTES", 0)
+    large = warmup.cache_key(cfg, str(tiny_llama_path), copies)
+    shutil.copy(files[1], copies[1])
+    assert warmup.cache_key(cfg, str(tiny_llama_path), copies) != large
+
+
 def test_warmup_mode_is_checked(tiny_llama_path):
     from launch.driver.warmup import should_warm_up
 

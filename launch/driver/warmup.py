@@ -136,19 +136,37 @@ def sft_config(cfg: Config):
                                mini_batch_size=None)
 
 
+# Data files up to this size are keyed by their content, so the same world written again (another clone, another
+# folder) finds its warm-up; a larger corpus is keyed by size and modification time, which costs no read.
+CONTENT_KEY_MAX_BYTES = 256 * 2**20
+
+
+def file_stamp(path: Path) -> list:
+    """What the cache key knows of one data file: its name and its content's sha256, or, past
+    ``CONTENT_KEY_MAX_BYTES``, its size and modification time."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > CONTENT_KEY_MAX_BYTES:
+        return [path.name, size, path.stat().st_mtime_ns]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return [path.name, digest.hexdigest()]
+
+
 def cache_key(cfg: Config, policy_path: str, files: list[Path]) -> str:
     """Changes whenever the model, the data or any setting that shapes the demonstrations or the training does."""
 
-    def stamp(path: Path) -> list:
-        path = Path(path)
+    def model_stamp(path: Path) -> list:  # weights are large and written once: their size and time suffice
         entries = sorted(path.iterdir()) if path.is_dir() else [path]
         return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in entries if p.is_file()]
 
     learner = sft_config(cfg)
     recipe = {
         "version": WARMUP_RECIPE_VERSION,
-        "model": [str(policy_path), stamp(Path(policy_path))],
-        "data": [stamp(f) for f in files],
+        "model": [str(policy_path), model_stamp(Path(policy_path))],
+        "data": [file_stamp(f) for f in files],
         "warmup": dataclasses.asdict(cfg.warmup),
         "top_k": cfg.search.top_k,
         "episode": dataclasses.asdict(cfg.rollout.episode),
