@@ -48,6 +48,10 @@ class RolloutConfig:
         open_search_trains_tag: also train the tag of the opened episodes as the policy's tokens
             (``EpisodeConfig.train_opened_tag``): the choice to search again is then taught by the opened episodes'
             own advantages, not only through the others'. Off by default; only with ``open_search_share > 0``.
+        open_search_share_end: the share at the run's last step, reached linearly from ``open_search_share`` at
+            step 1 (``open_search_share_at``); None keeps the share constant. Annealed to 0, the late steps' episodes
+            all search as the policy itself chooses, so their advantages teach *when* to search again, where the
+            opened ones taught *how*.
         episode: per-episode limits (turns, token budgets, reward metric).
     """
 
@@ -61,12 +65,17 @@ class RolloutConfig:
     prompt: str = "agent"
     open_search_share: float = 0.0
     open_search_trains_tag: bool = False
+    open_search_share_end: float | None = None
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.open_search_share <= 1.0:
             raise ValueError(f"rollout.open_search_share={self.open_search_share}: expected a share between 0 and 1")
-        if self.open_search_trains_tag and not self.open_search_share:
+        end = self.open_search_share_end
+        if end is not None and not 0.0 <= end <= 1.0:
+            raise ValueError(f"rollout.open_search_share_end={end}: expected a share between 0 and 1, or null for "
+                             f"a constant rollout.open_search_share")
+        if self.open_search_trains_tag and not max(self.open_search_share, end or 0.0):
             raise ValueError("rollout.open_search_trains_tag=true with rollout.open_search_share=0: no episode is "
                              "opened, so there is no tag to train; set a share above 0")
 
@@ -80,6 +89,16 @@ class EpisodeRequest:
     golden_answers: tuple[str, ...]
     data_source: str
     seed: int
+    open_search_share: float | None = None  # this step's share (``open_search_share_at``); None: the rollout's own
+
+
+def open_search_share_at(cfg: RolloutConfig, step: int, total_steps: int) -> float:
+    """The share of episodes opened for a search at ``step`` (1-based) of ``total_steps``: ``open_search_share`` at
+    the first step, moving linearly to ``open_search_share_end`` at the last."""
+    if cfg.open_search_share_end is None or total_steps <= 1:
+        return cfg.open_search_share
+    progress = min(max(step - 1, 0) / (total_steps - 1), 1.0)
+    return cfg.open_search_share + progress * (cfg.open_search_share_end - cfg.open_search_share)
 
 
 def opens_search(share: float, seed: int, temperature: float | None) -> bool:
@@ -171,7 +190,8 @@ class RolloutCore:
             episode_cfg = dataclasses.replace(episode_cfg, max_turns=0)
         else:
             prompt_ids = self.prompt_ids(request.question)
-        if opens_search(self.cfg.open_search_share, request.seed, temperature):
+        share = self.cfg.open_search_share if request.open_search_share is None else request.open_search_share
+        if opens_search(share, request.seed, temperature):
             episode_cfg = dataclasses.replace(episode_cfg, open_search=True,
                                               train_opened_tag=self.cfg.open_search_trains_tag)
         turn = {"n": 0}
@@ -376,4 +396,4 @@ class RolloutActor:
 
 
 def _with_seed(request: EpisodeRequest, seed: int) -> EpisodeRequest:
-    return EpisodeRequest(request.group_id, request.question, request.golden_answers, request.data_source, seed)
+    return dataclasses.replace(request, seed=seed)

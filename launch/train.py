@@ -68,20 +68,29 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     logger = RunLogger(run_dir, cfg.logger.wandb, cfg.logger.run_name, config_dict, resume=checkpoint is not None)
     print(f"run folder: {run_dir}", flush=True)
 
+    t_start = time.perf_counter()
     init_ray(cfg)
+    startup_s = {"ray": time.perf_counter() - t_start}
     stop = _StopFlag()
     cluster = rollouts = None
     try:
         # Cold start of small policies: SFT on protocol demonstrations (train.warmup=auto|on|off).
+        t_warmup = time.perf_counter()
         policy_path, warmup = warm_up(cfg, policy_path, files["train"], files["corpus"], run_dir)
         if warmup:
             atomic_write_json(run_dir / "warmup.json", warmup)
+        startup_s["warmup"] = time.perf_counter() - t_warmup
         cluster = Cluster(cfg, policy_path, str(files["corpus"]), run_dir)
+        startup_s.update(cluster.startup_s)
         first = 1
         if checkpoint is not None:
+            t_restore = time.perf_counter()
             first = cluster.restore(checkpoint, curriculum, sampler, replay) + 1
             dropped = logger.truncate_after(first - 1)
+            startup_s["restore"] = time.perf_counter() - t_restore
             print(f"resumed from {checkpoint} (step {first - 1}; {dropped} later metrics rows dropped)", flush=True)
+        startup_s["total"] = time.perf_counter() - t_start
+        print("start-up " + ", ".join(f"{k} {v:.1f}s" for k, v in startup_s.items()), flush=True)
         rollouts = RolloutQueue(cluster.rollout, sampler, curriculum, cfg.train.prompts_per_step,
                                 cfg.train.total_steps, cfg.train.max_staleness, cfg.train.rollout_timeout_s,
                                 cfg.train.dynamic_filter, cfg.train.dynamic_filter_rounds, replay)
@@ -124,7 +133,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
         wandb_dir = logger.finish()
         summary = {"run_dir": str(run_dir), "metrics": str(logger.metrics_path), "plot": str(plot),
                    "checkpoint": str(final), "wandb": wandb_dir, "steps": step, "policy_start": policy_path,
-                   **probe}
+                   "startup_s": {k: round(v, 2) for k, v in startup_s.items()}, **probe}
         atomic_write_json(run_dir / "summary.json", summary)
         print("\n".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
         return summary

@@ -69,6 +69,39 @@ def test_open_search_opens_a_fixed_share_of_sampled_episodes_and_no_greedy_one()
     assert RolloutConfig(open_search_share=0.5, open_search_trains_tag=True).open_search_trains_tag
 
 
+def test_the_open_search_share_anneals_linearly_to_its_end_and_each_step_uses_its_own(tokenizer, synthetic_world):
+    from actors.rollout import open_search_share_at
+    from launch.driver.sampler import episode_requests
+
+    cfg = RolloutConfig(open_search_share=0.5, open_search_share_end=0.0, open_search_trains_tag=True)
+    # 21 steps: 0.5 at step 1, 0.25 at step 11, 0 at step 21; without an end the share stays where it is.
+    assert [open_search_share_at(cfg, step, 21) for step in (1, 11, 21)] == pytest.approx([0.5, 0.25, 0.0])
+    assert open_search_share_at(RolloutConfig(open_search_share=0.5), 21, 21) == 0.5
+    assert open_search_share_at(cfg, 1, 1) == 0.5  # a one-step run has only its first step
+    with pytest.raises(ValueError, match=r"rollout.open_search_share_end=1.5: expected a share between 0 and 1"):
+        RolloutConfig(open_search_share=0.5, open_search_share_end=1.5)
+
+    # The step's share, carried by its requests, decides over the rollout's own: at 0 no episode is opened.
+    row = pd.read_parquet(synthetic_world["train"]).iloc[0]
+    prompt = type("Prompt", (), {"uid": "u0", "question": row["question"], "data_source": "synthetic_1hop",
+                                 "golden_answers": tuple(row["golden_answers"])})()
+    episode = EpisodeConfig(max_turns=2, max_tokens_per_turn=32)
+    core, _ = _scripted_core(RolloutConfig(open_search_share=1.0, episode=episode), tokenizer,
+                             str(synthetic_world["corpus"]), "<think> more </think> <search> more </search>")
+    scripted = core.generate
+
+    async def generate(context_ids, max_tokens, guided_regex=None, temperature=None, stop=None) -> Generation:
+        if stop and "</think>" in stop:  # an opened turn's thought stops where the environment writes the tag
+            ids = tokenizer.encode("<think> more </think>", add_special_tokens=False)
+            return Generation(ids, [-0.5] * len(ids), "stop")
+        return await scripted(context_ids, max_tokens, guided_regex, temperature, stop)
+
+    core.generate = generate
+    for share, opened in ((None, 1), (0.0, 0), (1.0, 1)):
+        [request] = episode_requests([prompt], seed=0, step=1, open_search_share=share)
+        assert asyncio.run(core.run(request, noise_prob=0.0)).stats.opened_searches == opened, share
+
+
 def test_the_engine_gap_leaves_out_trained_tokens_the_engine_did_not_sample():
     from launch.driver.cluster import masked_gap
     from learners.batch import LearnerSample

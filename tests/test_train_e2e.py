@@ -150,6 +150,11 @@ def test_training_steps_end_to_end(tmp_path):
     kept = state["replay"]["entries"]  # the buffer resumes with the run
     assert kept and all(e["trajectory"]["prompt_ids"] and e["uses"] >= 0 for e in kept)
     assert (run_dir / "curves.png").stat().st_size > 0
+    # Start-up is accounted for, stage by stage: the warm-up and the actors' start, in the order they ran.
+    startup = json.loads((run_dir / "summary.json").read_text())["startup_s"]
+    stages = ["ray", "warmup", "imports", "simulator_pool", "learners", "rollout_engines", "weight_sync"]
+    assert list(startup) == [*stages, "total"] and startup["warmup"] > 0.0
+    assert sum(startup[s] for s in stages) == pytest.approx(startup["total"], abs=0.5)
     assert list((run_dir / "wandb").glob("offline-run-*"))
     from transformers import AutoModelForCausalLM
 

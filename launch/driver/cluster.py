@@ -24,6 +24,7 @@ class Cluster:
     """The actors of one run, placed from ``cfg.cluster``: policy engines, simulator pool, learners, reference."""
 
     def __init__(self, cfg: Config, policy_path: str, corpus_path: str, run_dir: Path) -> None:
+        clock = _StartupClock()
         import ray
         from transformers import AutoTokenizer
 
@@ -37,6 +38,7 @@ class Cluster:
         self.closing = False
         c = cfg.cluster
         timeout = c.actor_start_timeout_s
+        clock.lap("imports")
         self.run_dir = run_dir
         sim_cfg = placed_simulator(cfg)
         self.faults = FaultPlan(cfg.faults)
@@ -46,6 +48,7 @@ class Cluster:
             from simulator.pool_actor import create_simulator_pool
 
             self.pool = create_simulator_pool(sim_cfg, faults=self.faults.reply_faults(cfg.seed))
+            clock.lap("simulator_pool")
         # A picklable recipe: each rollout actor builds its own engine in its own process.
         search_factory = functools.partial(build_search_engine, cfg.search, sim_cfg, self.pool, corpus_path)
         engine_kwargs, env = policy_engine_options(cfg)
@@ -64,12 +67,14 @@ class Cluster:
         policy_cfg = dataclasses.replace(learner_cfg, kl_coef=0.0) if self.kl_in_reward else learner_cfg
         self.learners = LearnerGroup(PolicyActor, c.learners, policy_path, policy_cfg, num_cpus=1,
                                      num_gpus=c.learner_gpus, timeout_s=timeout)
+        clock.lap("learners")  # the engines start meanwhile
         self.critic = None
         if cfg.train.algorithm == "ppo":
             from learners.critic import CriticActor
 
             self.critic = LearnerGroup(CriticActor, c.critics, policy_path, cfg.critic, num_cpus=1,
                                        num_gpus=c.critic_gpus, timeout_s=timeout)
+            clock.lap("critic")
         self.reference = None
         if learner_cfg.kl_coef > 0:
             self.reference = ray.remote(ReferenceActor).options(num_cpus=0.5, num_gpus=c.reference_gpus).remote(
@@ -77,9 +82,12 @@ class Cluster:
                 micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads,
                 share_prompts=learner_cfg.share_prompts)
         self.rollouts.ready(timeout)
+        clock.lap("rollout_engines")  # what is left of their start once the learners are up
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
         self.weights = WeightSync(cfg, self.learners, self.engines, canary_ids, run_dir)
+        clock.lap("weight_sync")
+        self.startup_s = clock.laps
         self.rollouts.restore_weights = self.weights.restore  # a restarted engine gets the weights the others serve
 
     def sync_weights(self, version: int) -> dict[str, float]:
@@ -114,10 +122,12 @@ class Cluster:
 
         import ray
 
+        from actors.rollout import open_search_share_at
         from launch.driver.sampler import episode_requests
 
         deadline = time.perf_counter() + self.cfg.train.rollout_timeout_s
-        requests = episode_requests(prompts, self.cfg.seed, step, first_index)
+        share = open_search_share_at(self.cfg.rollout, step, self.cfg.train.total_steps)
+        requests = episode_requests(prompts, self.cfg.seed, step, first_index, share)
         group_size = 1 if temperature == 0.0 else self.cfg.train.group_size  # greedy: one answer per question
         if self._inject("simulator", step, self.pool is not None and self.faults.kill_simulator(step)):
             ray.get(self.pool.arm_kill.remote(0), timeout=30)
@@ -263,6 +273,19 @@ class Cluster:
         if self.pool is None:
             return {}
         return ray.get(self.pool.stats.remote(), timeout=30)
+
+
+class _StartupClock:
+    """Seconds of each start-up stage, in order; a stage's time is what the driver waited for it."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self._last
+        self._last = now
 
 
 def kl_penalty(cfg: Config) -> str:

@@ -52,14 +52,16 @@ class PromptSampler:
         self._order = self._permutation(self.epoch)
 
 
-def episode_requests(prompts: list, seed: int, step: int, first_index: int = 0) -> list[EpisodeRequest]:
-    """One request per drawn prompt, each with its own group id and seed.
+def episode_requests(prompts: list, seed: int, step: int, first_index: int = 0,
+                     open_search_share: float | None = None) -> list[EpisodeRequest]:
+    """One request per drawn prompt, each with its own group id and seed (and the step's ``open_search_share``).
 
     A group id names one draw, not one question: when the sampler wraps an epoch inside a step the same question can
     be drawn twice, and keyed by its uid the two groups would merge into one group of 2G. ``first_index`` numbers
     the prompts of a refill round after those of the step's earlier rounds."""
     return [EpisodeRequest(group_id, p.question, p.golden_answers, p.data_source,
-                           seed=seed * 1_000_003 + step * 1000 + first_index + i)
+                           seed=seed * 1_000_003 + step * 1000 + first_index + i,
+                           open_search_share=open_search_share)
             for i, (p, group_id) in enumerate(zip(prompts, group_ids(prompts, step, first_index)))]
 
 
