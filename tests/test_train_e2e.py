@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from actors.protocol import INVALID_ACTION_MESSAGE
 from tests.conftest import REPO_ROOT
@@ -170,13 +171,24 @@ def test_training_steps_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_raises_a_learnable_reward(tmp_path):
-    _, rows = _train(tmp_path, *PROBE_RUN, timeout=1500)
-    rewards = [r["critic/score/mean"] for r in rows]
-    assert len(rewards) == 20
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-10:]) / 10
-    assert last > first + PROBE_MIN_RISE, rewards
-    assert all(r["sync/canary_gap"] < 0.01 for r in rows)  # the engine sampled from the weights that were trained
+def test_a_hydra_sweep_trains_grpo_and_reinforce_pp_and_each_raises_a_learnable_reward(tmp_path):
+    """``launch.train -m``, a Hydra multirun sweep: one job per estimator, one after the other in one process, each
+    in its own folder with its own config, and each learns the probe reward."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "launch.train", "-m", *PROBE_RUN, "train.algorithm=grpo,reinforce_pp",
+           f"data.dir={tmp_path / 'world'}", f"hydra.sweep.dir={sweep_dir}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for job, algorithm in ((0, "grpo"), (1, "reinforce_pp")):
+        job_dir = sweep_dir / str(job)
+        assert yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())["train"]["algorithm"] == algorithm
+        rows = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+        rewards = [r["critic/score/mean"] for r in rows]
+        assert len(rewards) == 20, algorithm
+        first, last = sum(rewards[:3]) / 3, sum(rewards[-10:]) / 10
+        assert last > first + PROBE_MIN_RISE, (algorithm, rewards)
+        assert all(r["sync/canary_gap"] < 0.01 for r in rows)  # the engine sampled from the weights that were trained
+        assert json.loads((job_dir / "summary.json").read_text())["steps"] == 20
 
 
 def test_misspelled_override_fails_before_any_actor_starts():
