@@ -214,7 +214,8 @@ def _write_results(out: Path, cfg: Config, arms: dict[str, dict[str, Any]], warm
                "max_turns": cfg.rollout.episode.max_turns, "warmup_s": warmup_s}
     results = {"setting": setting, "rows": rows}
     atomic_write_json(out / "results.json", results)
-    curves = plot_curves(out, {arm: Path(a["run_dir"]) for arm, a in arms.items() if a["run_dir"]})
+    # An RL arm's run is always `<dir>/<arm>/run`; its recorded path may be relative to another working directory.
+    curves = plot_curves(out, {arm: out / arm / "run" for arm, a in arms.items() if a["run_dir"]})
     lines = [f"Policy `{cfg.model.name}`; world seed {setting['world_seed']}; every RL arm {t.algorithm}, "
              f"{t.total_steps} steps of {t.prompts_per_step} questions x {t.group_size}, lr {cfg.learner.lr:g}. "
              f"Evaluation: agent (and the baselines' direct and rag), real BM25 top {cfg.search.top_k}, the test "
@@ -255,7 +256,8 @@ def plot_curves(out: Path, runs: dict[str, Path]) -> dict[str, Path]:
                     ax.plot(*zip(*points), marker="o", markersize=3, label=arm)
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("step")
-            ax.legend(fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)

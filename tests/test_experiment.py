@@ -46,6 +46,22 @@ def test_table_rows_follow_the_arms_order_and_carry_each_arms_run():
     assert all(set(ROW_FIELDS) <= set(r) for r in rows)
 
 
+def test_the_curves_read_each_arms_run_in_the_experiment_folder_wherever_it_was_recorded_from(tmp_path):
+    from launch.config import Config
+    from launch.experiment import _write_results
+
+    run = tmp_path / "rl_bm25" / "run"
+    run.mkdir(parents=True)
+    run.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "critic/score/mean": 0.1 * s, "val/bm25/subem": 10.0 * s}) + "\n" for s in (1, 2)))
+    row = {"method": "agent", "n": 1, "subem": 1.0, "em": 1.0, "f1": 1.0, "searches_per_question": 1.0,
+           "subem_single_hop": 1.0, "subem_two_hop": 0.0}
+    # The arm was run from another working directory: its recorded path does not resolve from here.
+    arms = {"rl_bm25": {"rows": [row], "train_wall_s": 5.0, "run_dir": "elsewhere/rl_bm25/run"}}
+    _write_results(tmp_path, Config(), arms, 0.0)
+    assert (tmp_path / "reward.png").stat().st_size > 0 and (tmp_path / "heldout.png").stat().st_size > 0
+
+
 def test_an_arm_sets_its_own_engine_and_start_whatever_the_command_line_says():
     from launch.experiment import _ARM_KEYS, _override_key
 
