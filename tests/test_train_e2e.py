@@ -153,7 +153,7 @@ def test_training_steps_end_to_end(tmp_path):
     assert (run_dir / "curves.png").stat().st_size > 0
     # Start-up is accounted for, stage by stage: the warm-up and the actors' start, in the order they ran.
     startup = json.loads((run_dir / "summary.json").read_text())["startup_s"]
-    stages = ["ray", "warmup", "imports", "simulator_pool", "learners", "rollout_engines", "weight_sync"]
+    stages = ["ray", "warmup", "imports", "learners", "rollout_engines", "simulator_pool", "weight_sync"]
     assert list(startup) == [*stages, "total"] and startup["warmup"] > 0.0
     assert sum(startup[s] for s in stages) == pytest.approx(startup["total"], abs=0.5)
     assert list((run_dir / "wandb").glob("offline-run-*"))

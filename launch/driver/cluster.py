@@ -47,8 +47,8 @@ class Cluster:
         if cfg.search.engine == "simulated":
             from simulator.pool_actor import create_simulator_pool
 
-            self.pool = create_simulator_pool(sim_cfg, faults=self.faults.reply_faults(cfg.seed))
-            clock.lap("simulator_pool")
+            # Not waited for here: its servers load their model while the learners and the policy engines start.
+            self.pool = create_simulator_pool(sim_cfg, wait=False, faults=self.faults.reply_faults(cfg.seed))
         # A picklable recipe: each rollout actor builds its own engine in its own process.
         search_factory = functools.partial(build_search_engine, cfg.search, sim_cfg, self.pool, corpus_path)
         engine_kwargs, env = policy_engine_options(cfg)
@@ -83,6 +83,9 @@ class Cluster:
                 share_prompts=learner_cfg.share_prompts)
         self.rollouts.ready(timeout)
         clock.lap("rollout_engines")  # what is left of their start once the learners are up
+        if self.pool is not None:
+            ray.get(self.pool.ready.remote(), timeout=sim_cfg.startup_timeout_s + 60)
+            clock.lap("simulator_pool")  # what is left of the servers' start once the engines are up
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
         self.weights = WeightSync(cfg, self.learners, self.engines, canary_ids, run_dir)
