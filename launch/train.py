@@ -45,7 +45,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     from actors.dataset import load_qa
     from launch.assets import resolve_model
     from launch.driver.checkpoint import atomic_write_json, find_checkpoint
-    from launch.driver.cluster import Cluster, init_ray
+    from launch.driver.cluster import Cluster, StartupClock, init_ray
     from launch.driver.metrics import Progress, sample_rows, step_metrics
     from launch.driver.pipeline import RolloutQueue
     from launch.driver.replay import SuccessReplay
@@ -68,28 +68,25 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     logger = RunLogger(run_dir, cfg.logger.wandb, cfg.logger.run_name, config_dict, resume=checkpoint is not None)
     print(f"run folder: {run_dir}", flush=True)
 
-    t_start = time.perf_counter()
+    clock = StartupClock()
     init_ray(cfg)
-    startup_s = {"ray": time.perf_counter() - t_start}
+    clock.lap("ray")
     stop = _StopFlag()
     cluster = rollouts = None
     try:
         # Cold start of small policies: SFT on protocol demonstrations (train.warmup=auto|on|off).
-        t_warmup = time.perf_counter()
         policy_path, warmup = warm_up(cfg, policy_path, files["train"], files["corpus"], run_dir)
         if warmup:
             atomic_write_json(run_dir / "warmup.json", warmup)
-        startup_s["warmup"] = time.perf_counter() - t_warmup
-        cluster = Cluster(cfg, policy_path, str(files["corpus"]), run_dir)
-        startup_s.update(cluster.startup_s)
+        clock.lap("warmup")
+        cluster = Cluster(cfg, policy_path, str(files["corpus"]), run_dir, clock)
         first = 1
         if checkpoint is not None:
-            t_restore = time.perf_counter()
             first = cluster.restore(checkpoint, curriculum, sampler, replay) + 1
             dropped = logger.truncate_after(first - 1)
-            startup_s["restore"] = time.perf_counter() - t_restore
+            clock.lap("restore")
             print(f"resumed from {checkpoint} (step {first - 1}; {dropped} later metrics rows dropped)", flush=True)
-        startup_s["total"] = time.perf_counter() - t_start
+        startup_s = clock.total()
         print("start-up " + ", ".join(f"{k} {v:.1f}s" for k, v in startup_s.items()), flush=True)
         rollouts = RolloutQueue(cluster.rollout, sampler, curriculum, cfg.train.prompts_per_step,
                                 cfg.train.total_steps, cfg.train.max_staleness, cfg.train.rollout_timeout_s,

@@ -139,5 +139,12 @@ def create_simulator_pool(
     options = {"num_cpus": 0, "max_concurrency": 10_000, "name": name, "scheduling_strategy": here}
     actor = ray.remote(SimulatorPoolActor).options(**options).remote(cfg, server_cls, faults)
     if wait:
-        ray.get(actor.ready.remote(), timeout=cfg.startup_timeout_s + 60)
+        wait_for_pool(actor, cfg)
     return actor
+
+
+def wait_for_pool(actor: Any, cfg: SimulatorConfig) -> None:
+    """Block until every server of a pool started with ``wait=False`` has loaded its model."""
+    import ray
+
+    ray.get(actor.ready.remote(), timeout=cfg.startup_timeout_s + 60)

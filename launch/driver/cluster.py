@@ -23,8 +23,9 @@ from launch.driver.weight_sync import WeightSync
 class Cluster:
     """The actors of one run, placed from ``cfg.cluster``: policy engines, simulator pool, learners, reference."""
 
-    def __init__(self, cfg: Config, policy_path: str, corpus_path: str, run_dir: Path) -> None:
-        clock = _StartupClock()
+    def __init__(self, cfg: Config, policy_path: str, corpus_path: str, run_dir: Path,
+                 clock: StartupClock | None = None) -> None:
+        clock = clock or StartupClock()
         import ray
         from transformers import AutoTokenizer
 
@@ -84,13 +85,14 @@ class Cluster:
         self.rollouts.ready(timeout)
         clock.lap("rollout_engines")  # what is left of their start once the learners are up
         if self.pool is not None:
-            ray.get(self.pool.ready.remote(), timeout=sim_cfg.startup_timeout_s + 60)
+            from simulator.pool_actor import wait_for_pool
+
+            wait_for_pool(self.pool, sim_cfg)
             clock.lap("simulator_pool")  # what is left of the servers' start once the engines are up
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
         self.weights = WeightSync(cfg, self.learners, self.engines, canary_ids, run_dir)
         clock.lap("weight_sync")
-        self.startup_s = clock.laps
         self.rollouts.restore_weights = self.weights.restore  # a restarted engine gets the weights the others serve
 
     def sync_weights(self, version: int) -> dict[str, float]:
@@ -278,17 +280,21 @@ class Cluster:
         return ray.get(self.pool.stats.remote(), timeout=30)
 
 
-class _StartupClock:
+class StartupClock:
     """Seconds of each start-up stage, in order; a stage's time is what the driver waited for it."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self._started = self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
         self.laps[stage] = now - self._last
         self._last = now
+
+    def total(self) -> dict[str, float]:
+        """The laps so far and their ``total``."""
+        return {**self.laps, "total": self._last - self._started}
 
 
 def kl_penalty(cfg: Config) -> str:

@@ -148,11 +148,8 @@ def file_stamp(path: Path) -> list:
     size = path.stat().st_size
     if size > CONTENT_KEY_MAX_BYTES:
         return [path.name, size, path.stat().st_mtime_ns]
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return [path.name, digest.hexdigest()]
+        return [path.name, hashlib.file_digest(f, "sha256").hexdigest()]
 
 
 def cache_key(cfg: Config, policy_path: str, files: list[Path]) -> str:
