@@ -46,6 +46,8 @@ class DataConfig:
         generate_synthetic: build the synthetic world into ``dir`` when its files are missing.
         synthetic_seed, synthetic_entities: the synthetic world's seed and size (number of people).
         shuffle: shuffle the training questions each epoch (seeded).
+        stratify: spread each data source evenly over every epoch (``PromptSampler``), so that each step's
+            questions mix the sources at their shares of the training set instead of as a shuffle happens to fall.
     """
 
     dir: str = "data/synthetic"
@@ -57,6 +59,7 @@ class DataConfig:
     synthetic_seed: int = 0
     synthetic_entities: int = 400
     shuffle: bool = True
+    stratify: bool = False
 
 
 @dataclass

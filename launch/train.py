@@ -59,7 +59,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
     files = ensure_data(cfg.data)
     train_examples = load_qa(files["train"])
     _check_inputs(cfg, files, len(train_examples))
-    sampler = PromptSampler(train_examples, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    sampler = PromptSampler(train_examples, seed=cfg.seed, shuffle=cfg.data.shuffle, stratify=cfg.data.stratify)
     val_examples = load_qa(files["val"])[: cfg.train.val_samples] if cfg.train.val_every else []
     curriculum = build_curriculum(cfg.curriculum)
     replay = SuccessReplay(cfg.replay)
