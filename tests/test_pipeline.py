@@ -111,6 +111,8 @@ def test_dynamic_filter_refills_with_fresh_prompts_and_logs_the_pass_rate():
     assert batch.sampler_state["position"] == 4
     # The step's score is every rolled episode's (rewards 0,0 | 0,1 | 0,0 | 0,1), not the kept groups' (0,1 | 0,1).
     assert batch.rolled_rewards == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    # ... and the rollout metrics (reward by hop count, searches) describe every rolled group too, the dropped ones in.
+    assert [t.group_id for t in batch.rolled_trajectories] == ["q0", "q0", "q1", "q1", "q2", "q2", "q3", "q3"]
     assert batch.signal_share == pytest.approx(0.5)  # 2 of the 4 groups rolled had rewards that differ
     assert batch.score_mean == pytest.approx(0.25)
     assert sum(t.reward for t in batch.trajectories) / len(batch.trajectories) == pytest.approx(0.5)

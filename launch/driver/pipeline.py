@@ -44,15 +44,17 @@ class StepBatch:
     groups_kept: int = 0
     groups_informative: int = 0  # groups whose rewards are not all equal, of all rolled
     rounds: int = 1
-    rolled_rewards: list[float] = field(default_factory=list)  # every episode rolled, kept by the filter or not
+    # Every episode sampled for this step, kept by the dynamic filter or not, and without the replayed episodes of
+    # earlier steps: what the rollout metrics describe. Over the kept groups alone, the reward by hop count would read
+    # the share of mixed groups, not how well the policy does.
+    rolled_trajectories: list = field(default_factory=list)
     replay_state: dict[str, Any] | None = None  # the replay buffer after this batch's rollout (None: replay off)
     replay_metrics: dict[str, float] = field(default_factory=dict)
     replayed_uids: set[str] = field(default_factory=set)  # episodes of earlier steps that joined this batch's groups
 
     @property
-    def rolled_trajectories(self) -> list:
-        """The trajectories sampled for this step: what the rollout metrics describe."""
-        return [t for t in self.trajectories if t.uid not in self.replayed_uids]
+    def rolled_rewards(self) -> list[float]:
+        return [t.reward for t in self.rolled_trajectories]
 
     @property
     def pass_rate(self) -> float:
@@ -130,15 +132,16 @@ class RolloutQueue:
         noise_prob = self.curriculum.noise_prob(step)
         replayed = self.replay.draw(self.prompts_per_step) if self.replay else []
         prompts = [e.example for e in replayed] + self.sampler.next(self.prompts_per_step - len(replayed))
-        trajectories, rewards = self._rolled(prompts, noise_prob, step, 0, replayed)
-        batch = StepBatch(step, trajectories, noise_prob, [p.uid for p in prompts], {}, 0.0, rolled_rewards=rewards)
+        trajectories, rolled = self._rolled(prompts, noise_prob, step, 0, replayed)
+        batch = StepBatch(step, trajectories, noise_prob, [p.uid for p in prompts], {}, 0.0,
+                          rolled_trajectories=rolled)
         if self.dynamic_filter:
             kept, rolled, n_kept = informative_groups(trajectories)
             first_index = len(prompts)
             while n_kept < self.prompts_per_step and batch.rounds <= self.filter_rounds:
                 more = self.sampler.next(self.prompts_per_step - n_kept)
-                refill, rewards = self._rolled(more, noise_prob, step, first_index, [])
-                batch.rolled_rewards += rewards
+                refill, rolled_now = self._rolled(more, noise_prob, step, first_index, [])
+                batch.rolled_trajectories += rolled_now
                 fresh, fresh_rolled, fresh_kept = informative_groups(refill)
                 first_index += len(more)
                 kept, rolled, n_kept = kept + fresh, rolled + fresh_rolled, n_kept + fresh_kept
@@ -159,14 +162,13 @@ class RolloutQueue:
         return batch
 
     def _rolled(self, prompts: list, noise_prob: float, step: int, first_index: int,
-                replayed: list) -> tuple[list, list[float]]:
+                replayed: list) -> tuple[list, list]:
         """The groups of ``prompts``, the first ``len(replayed)`` of which each get their replayed episode; and the
-        rewards of the episodes rolled now, which say how well the policy does (the replayed ones do not)."""
-        trajectories = self.rollout(prompts, noise_prob, step, first_index)
-        rewards = [t.reward for t in trajectories]
+        episodes rolled now, which say how well the policy does (the replayed ones do not)."""
+        rolled = self.rollout(prompts, noise_prob, step, first_index)
         if not self.replay:
-            return trajectories, rewards
+            return rolled, list(rolled)
         from launch.driver.sampler import group_ids
 
         ids = group_ids(prompts, step, first_index)
-        return self.replay.observe(trajectories, dict(zip(ids, prompts)), dict(zip(ids, replayed))), rewards
+        return self.replay.observe(rolled, dict(zip(ids, prompts)), dict(zip(ids, replayed))), list(rolled)
