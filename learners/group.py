@@ -15,6 +15,10 @@ from learners.batch import LearnerSample
 from learners.config import LearnerConfig, mini_batches
 
 DEFAULT_TIMEOUT_S = 900.0
+# Rank 0 names a port that was free when it asked, and binds it only when the group rendezvous. Any socket of the
+# machine may take the port in between (an outbound connection's local port comes from the same range): a 20-step
+# experiment arm once died so at its first start. A group whose rendezvous found its port taken starts again.
+SETUP_ATTEMPTS = 3
 
 
 def shard_by_tokens(lengths: Sequence[int], num_shards: int) -> list[list[int]]:
@@ -31,6 +35,11 @@ def shard_by_tokens(lengths: Sequence[int], num_shards: int) -> list[list[int]]:
     return [sorted(s) for s in shards]
 
 
+def port_was_taken(err: BaseException) -> bool:
+    """Whether a group's setup failed because its rendezvous port was in use (torch's ``DistNetworkError``)."""
+    return "EADDRINUSE" in str(err)
+
+
 class LearnerGroup:
     """``num_learners`` Ray actors of ``actor_cls`` (a ``learners.shell.LearnerActor``) forming one DeepSpeed
     group."""
@@ -39,10 +48,20 @@ class LearnerGroup:
                  num_gpus: float = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self.cfg = cfg
-        self.actors = [ray.remote(actor_cls).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(rank, num_learners)
-                       for rank in range(num_learners)]
-        addr, port = ray.get(self.actors[0].master_address.remote(), timeout=timeout_s)
-        self._get([a.setup.remote(addr, port, str(model_path), cfg) for a in self.actors])
+        for attempt in range(1, SETUP_ATTEMPTS + 1):
+            self.actors = [ray.remote(actor_cls).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+                rank, num_learners) for rank in range(num_learners)]
+            addr, port = ray.get(self.actors[0].master_address.remote(), timeout=timeout_s)
+            try:
+                self._get([a.setup.remote(addr, port, str(model_path), cfg) for a in self.actors])
+                return
+            except ray.exceptions.RayTaskError as err:
+                if not port_was_taken(err) or attempt == SETUP_ATTEMPTS:
+                    raise
+                # Fresh actors: the other ranks may still be waiting on the dead rendezvous.
+                self.shutdown()
+                print(f"learners: the rendezvous port {port} was taken before rank 0 bound it; starting the "
+                      f"{actor_cls.__name__} group again (attempt {attempt + 1} of {SETUP_ATTEMPTS})", flush=True)
 
     def _get(self, refs):
         return ray.get(refs, timeout=self.timeout_s)
