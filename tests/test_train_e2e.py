@@ -32,16 +32,19 @@ TINY_WARMUP = ["train.warmup=auto", "rollout.episode.max_tokens_per_turn=64",  #
                "warmup.lr=1e-3", "warmup.cache=false"]
 # A probe reward a random policy already varies on: the share of even token ids among its own tokens. tiny-llama is
 # uniform over its 49k-token vocabulary (entropy 10.79 nats), so over free text no token is ever sampled twice and
-# nothing is learnable in 20 steps; guided decoding restricts each turn to the few tokens spelling [abc]+, among which
-# GRPO must shift probability toward the even ids. Measured (seed 0): steps 1-3 mean 0.58, steps 11-20 mean 0.66.
+# nothing is learnable in a short run; guided decoding restricts each turn to the few tokens spelling [abc]+, among
+# which the estimator must shift probability toward the even ids. Measured over 20 steps (seed 0): steps 1-3 mean
+# 0.67 under both GRPO and REINFORCE++, steps 5-8 mean 0.91 and 1.00, and the later steps add nothing to the proof,
+# so the sweep runs 8.
+PROBE_STEPS = 8
 PROBE_RUN = [
-    "model=tiny_llama", "learner=tiny", "search=bm25", "train.warmup=off", "train.total_steps=20",
+    "model=tiny_llama", "learner=tiny", "search=bm25", "train.warmup=off", f"train.total_steps={PROBE_STEPS}",
     "train.prompts_per_step=8", "train.group_size=8", "rollout.episode.max_turns=0",
     "rollout.episode.max_tokens_per_turn=16", "rollout.episode.reward_metric=even_token_share",
     "rollout.guided_first_turn_regex='[abc]+'", "learner.lr=1e-2", "data.synthetic_entities=32",
     "train.export_hf=false", "logger.wandb.mode=disabled",
 ]
-PROBE_MIN_RISE = 0.03
+PROBE_MIN_RISE = 0.1  # a third of the smaller rise measured (0.24)
 
 
 def _spans(mask: list[int]) -> list[tuple[int, int, int]]:
@@ -184,11 +187,11 @@ def test_a_hydra_sweep_trains_grpo_and_reinforce_pp_and_each_raises_a_learnable_
         assert yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())["train"]["algorithm"] == algorithm
         rows = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
         rewards = [r["critic/score/mean"] for r in rows]
-        assert len(rewards) == 20, algorithm
-        first, last = sum(rewards[:3]) / 3, sum(rewards[-10:]) / 10
+        assert len(rewards) == PROBE_STEPS, algorithm
+        first, last = sum(rewards[:3]) / 3, sum(rewards[-4:]) / 4
         assert last > first + PROBE_MIN_RISE, (algorithm, rewards)
         assert all(r["sync/canary_gap"] < 0.01 for r in rows)  # the engine sampled from the weights that were trained
-        assert json.loads((job_dir / "summary.json").read_text())["steps"] == 20
+        assert json.loads((job_dir / "summary.json").read_text())["steps"] == PROBE_STEPS
 
 
 def test_misspelled_override_fails_before_any_actor_starts():
