@@ -44,7 +44,7 @@ PROBE_RUN = [
     "rollout.guided_first_turn_regex='[abc]+'", "learner.lr=1e-2", "data.synthetic_entities=32",
     "train.export_hf=false", "logger.wandb.mode=disabled",
 ]
-PROBE_MIN_RISE = 0.1  # a third of the smaller rise measured (0.24)
+PROBE_MIN_RISE = 0.1  # the rises measured at 8 steps: 0.33 (GRPO) and 0.31 (REINFORCE++)
 
 
 def _spans(mask: list[int]) -> list[tuple[int, int, int]]:
