@@ -106,9 +106,10 @@ class ClusterConfig:
         rollout_tensor_parallel: GPUs per policy engine (tensor parallel); 0 GPUs on CPU.
         rollout_gpus: GPUs per policy engine actor (0 on CPU).
         rollout_cpu_threads: OpenMP threads of each CPU policy engine (``OMP_NUM_THREADS`` of its engine process);
-            0: an even share of this machine's usable cores per engine, for a command whose engines have the machine
-            to themselves (evaluation, inference). Training on CPU sets 1 (``conf/cluster/local_cpu.yaml``): the
-            engine shares the cores with the simulator server and the learner.
+            0: an even share of this machine's usable cores among the engines and whatever computes while they
+            generate: the simulator servers when the search is simulated, the learners when rollouts run ahead of
+            training (``train.max_staleness`` > 0). So against BM25, in the on-policy loop, in evaluation and in
+            inference, the engines have the machine's cores to themselves.
         learners: data-parallel DeepSpeed learner actors.
         learner_gpus: GPUs per learner actor (0 on CPU).
         simulator_servers: vLLM simulator servers in the pool.
@@ -175,6 +176,11 @@ class TrainConfig:
         dynamic_filter: drop groups whose rewards are all equal (no GRPO signal) and refill the batch with new
             prompts, up to ``dynamic_filter_rounds`` extra rollouts per step.
         dynamic_filter_rounds: extra rollout rounds a step may spend refilling; the step trains on what it has then.
+        skip_update_without_signal: when no group of a step has rewards that differ (after any refill rounds), skip
+            that step's learner passes. Under a group baseline every advantage is then 0 and the update would carry
+            only the entropy bonus and the KL term, at the cost of a whole update. The step still counts (the
+            curriculum, the sampler and the checkpoints advance) and logs ``train/update_skipped`` 1. Group-baseline
+            estimators only (grpo, dr_grpo, rloo, reinforce_pp_baseline).
         val_every: every this many steps (0: never), answer the first ``val_samples`` validation questions greedily
             twice, searching the training engine (the simulator, useful documents only) and the real engine
             ``val_engine``, and log both side by side under ``val/<engine>/``: the gap between simulation and reality
@@ -203,6 +209,7 @@ class TrainConfig:
     kl_penalty: str = "auto"
     dynamic_filter: bool = False
     dynamic_filter_rounds: int = 2
+    skip_update_without_signal: bool = False
     val_every: int = 0
     val_samples: int = 32
     val_engine: str = "bm25"

@@ -97,10 +97,14 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
             t_step = time.perf_counter()
             rollouts.fill(step)                                                          # 1-3, K steps ahead
             batch, t_wait = rollouts.take(step)                                          # 1-3
-            t_score = time.perf_counter()
-            samples, score_metrics = cluster.score(batch.trajectories)                  # 4
-            t_score = time.perf_counter() - t_score
-            train_metrics, t_train = cluster.update(samples, step)                       # 5
+            if cfg.train.skip_update_without_signal and batch.groups_informative == 0:
+                score_metrics, t_score, train_metrics, t_train = {}, 0.0, {"train/update_skipped": 1.0}, 0.0
+            else:
+                t_score = time.perf_counter()
+                samples, score_metrics = cluster.score(batch.trajectories)              # 4
+                t_score = time.perf_counter() - t_score
+                train_metrics, t_train = cluster.update(samples, step)                   # 5
+                train_metrics["train/update_skipped"] = 0.0
             t_idle = rollouts.wait_idle()  # weights change only between rollouts
             sync_metrics = cluster.sync_weights(version=step)                            # 6
             metrics = step_metrics(batch, {**score_metrics, **train_metrics}, sync_metrics, t_score, t_train,
@@ -154,7 +158,7 @@ def _check(cfg: Config) -> None:
         raise ValueError(f"train.max_staleness={cfg.train.max_staleness}; expected 0 (on-policy) or more")
     if cfg.train.kl_penalty not in ("auto", "loss", "reward"):
         raise ValueError(f"train.kl_penalty={cfg.train.kl_penalty!r}; expected auto, loss or reward")
-    from learners.algorithms import TOKEN_REWARD_ALGORITHMS
+    from learners.algorithms import GROUP_BASELINE_ALGORITHMS, TOKEN_REWARD_ALGORITHMS
 
     if kl_penalty(cfg) == "reward" and cfg.train.algorithm not in TOKEN_REWARD_ALGORITHMS:
         raise ValueError(f"train.kl_penalty=reward needs per-token rewards: train.algorithm must be one of "
@@ -166,6 +170,10 @@ def _check(cfg: Config) -> None:
     rewards, metric = [*METRICS, *PROBE_REWARDS], cfg.rollout.episode.reward_metric
     if metric not in rewards:
         raise ValueError(f"rollout.episode.reward_metric={metric!r}; expected one of {rewards}")
+    if cfg.train.skip_update_without_signal and cfg.train.algorithm not in GROUP_BASELINE_ALGORITHMS:
+        raise ValueError(f"train.skip_update_without_signal=true needs a group-baseline estimator, one of "
+                         f"{list(GROUP_BASELINE_ALGORITHMS)}: under train.algorithm={cfg.train.algorithm!r} a step "
+                         f"whose groups all scored alike still has advantages to learn from")
     if cfg.train.group_size < 2 and cfg.train.dynamic_filter:
         raise ValueError("train.dynamic_filter=true needs train.group_size >= 2: a group of one never varies")
     if cfg.train.group_size < 2 and cfg.train.algorithm in ("grpo", "dr_grpo", "rloo"):

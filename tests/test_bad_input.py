@@ -44,6 +44,8 @@ CASES: dict[str, tuple[list[str], list[str], str | None]] = {
     "train-unknown-group-option": (TRAIN + ["curriculum=exponential"], ["exponential", "exp", "linear"], None),
     "train-unknown-algorithm": (TRAIN + WORLD + ["train.algorithm=ppg"], ["train.algorithm", "ppg", "grpo"], None),
     "train-group-size-1-grpo": (TRAIN + WORLD + ["train.group_size=1"], ["train.group_size=1", "grpo"], None),
+    "train-skip-update-under-ppo": (TRAIN + WORLD + ["train.algorithm=ppo", "train.skip_update_without_signal=true"],
+                                    ["train.skip_update_without_signal=true", "'ppo'", "grpo"], None),
     "train-group-size-0": (TRAIN + WORLD + ["train.group_size=0"], ["train.group_size=0"], None),
     "train-max-turns-negative": (TRAIN + WORLD + ["rollout.episode.max_turns=-1"],
                                  ["rollout.episode.max_turns=-1", "0 or more"], None),

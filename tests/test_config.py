@@ -64,8 +64,9 @@ def test_every_command_reads_the_training_groups_and_starts_its_engine_by_one_re
     for cfg in (evaluate, infer):
         assert (cfg.model, cfg.rollout, cfg.simulator, cfg.seed) == \
                (train.model, train.rollout, train.simulator, train.seed)
-        # The engines of evaluation and inference have the machine to themselves: its cores, not training's one.
-        assert dataclasses.replace(cfg.cluster, rollout_cpu_threads=1) == train.cluster
+        # The engines of evaluation and inference have the machine to themselves: its cores, not training's share
+        # beside the simulator server.
+        assert cfg.cluster == train.cluster
         assert cfg.search.top_k == 3 and cfg.search.engine == "bm25"  # evaluation and inference search a real engine
         kwargs, env = policy_engine_options(cfg)
         assert kwargs == policy_engine_options(train)[0] and env["OMP_NUM_THREADS"] == str(cores)
@@ -74,7 +75,11 @@ def test_every_command_reads_the_training_groups_and_starts_its_engine_by_one_re
     assert kwargs == {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True,
                       "gpu_memory_utilization": 0.3, "seed": 7, "tensor_parallel_size": 1,
                       "enable_prefix_caching": True, "block_size": 32}  # the CPU cluster's prefix-cache unit
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "1"}
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(max(1, cores // 2))}  # beside the simulator
+    # Against BM25 the on-policy loop's engine generates alone; with rollouts ahead it shares with the learner.
+    assert policy_engine_options(_compose("config", ["search=bm25"]))[1]["OMP_NUM_THREADS"] == str(cores)
+    ahead = _compose("config", ["search=bm25", "train.max_staleness=1"])
+    assert policy_engine_options(ahead)[1]["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     two = _compose("evaluate", ["cluster.rollout_engines=2"])
     assert policy_engine_options(two)[1]["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     assert policy_engine_options(_compose("config", ["cluster.rollout_gpus=1"]))[1] == {}  # a GPU engine

@@ -106,6 +106,9 @@ def test_the_experiment_runs_every_arm_writes_the_table_and_skips_done_arms(tmp_
     for arm in ("rl_sim_tuned",):
         steps = [json.loads(line) for line in (out / arm / "run" / "metrics.jsonl").read_text().splitlines()]
         assert len(steps) == 1 and "val/bm25/subem" in steps[0] and "val/simulated/subem" in steps[0]
+        # The comparison skips the update of a step none of whose groups has a signal (tiny-llama's usually).
+        skipped = steps[0]["data/signal_share"] == 0.0
+        assert steps[0]["train/update_skipped"] == float(skipped) and ("actor/pg_loss" in steps[0]) != skipped
         assert (out / arm / "run" / "wandb").is_dir()
     # The RL arm starts from the warm-up policy that was evaluated (warmup.cache=false: it lives in the experiment's
     # folder), and the table names the simulator it trained against.

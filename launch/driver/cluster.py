@@ -343,12 +343,22 @@ def policy_engine_options(cfg: Config) -> tuple[dict, dict[str, str]]:
     if c.rollout_gpus:
         return engine_kwargs, {}
     return engine_kwargs, {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, c.vllm_cpu_kvcache_gb))),
-                           "OMP_NUM_THREADS": str(c.rollout_cpu_threads or engine_cpu_share(c.rollout_engines))}
+                           "OMP_NUM_THREADS": str(c.rollout_cpu_threads or engine_cpu_share(c.rollout_engines,
+                                                                                            computing_beside(cfg)))}
 
 
-def engine_cpu_share(engines: int) -> int:
-    """An even share of the cores this process may use, for each of ``engines`` engines (at least one)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, engines))
+def computing_beside(cfg: Config) -> int:
+    """The processes that compute while the policy engines generate: the simulator servers when the search is
+    simulated, and the learners when rollouts run ahead of training (``train.max_staleness`` > 0). In the on-policy
+    loop the learners wait while the engines generate, and the engines wait while the learners train."""
+    simulators = cfg.cluster.simulator_servers if cfg.search.engine == "simulated" else 0
+    return simulators + (cfg.cluster.learners if cfg.train.max_staleness > 0 else 0)
+
+
+def engine_cpu_share(engines: int, beside: int = 0) -> int:
+    """An even share of the cores this process may use for each of ``engines`` engines, with ``beside`` other
+    processes computing at the same time (at least one core)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, engines + beside))
 
 
 def init_ray(cfg: Config) -> None:

@@ -148,8 +148,9 @@ class RolloutQueue:
                 batch.prompt_uids += [p.uid for p in more]
                 batch.rounds += 1
             batch.groups_rolled, batch.groups_kept, batch.groups_informative = rolled, n_kept, n_kept
-            # Nothing informative at all: train on the whole batch (its advantages are 0; the KL and entropy terms
-            # still act) rather than skip the step and stall the curriculum and the schedule.
+            # Nothing informative at all: keep the whole batch (its advantages are 0; the KL and entropy terms still
+            # act) rather than stall the curriculum and the schedule. The driver may skip its update instead
+            # (train.skip_update_without_signal).
             batch.trajectories = kept if kept else trajectories
         else:
             _, batch.groups_rolled, batch.groups_informative = informative_groups(trajectories)
