@@ -147,8 +147,8 @@ def train(cfg: Config, run_dir: Path, config_dict: dict[str, Any]) -> dict[str, 
 
 
 def _check(cfg: Config) -> None:
-    from launch.driver.advantages import ALGORITHMS
     from launch.driver.cluster import kl_penalty
+    from learners.config import ALGORITHMS, GROUP_BASELINE_ALGORITHMS, TOKEN_REWARD_ALGORITHMS
 
     if cfg.train.algorithm not in ALGORITHMS:
         raise ValueError(f"train.algorithm={cfg.train.algorithm!r}; expected one of {list(ALGORITHMS)}")
@@ -158,8 +158,6 @@ def _check(cfg: Config) -> None:
         raise ValueError(f"train.max_staleness={cfg.train.max_staleness}; expected 0 (on-policy) or more")
     if cfg.train.kl_penalty not in ("auto", "loss", "reward"):
         raise ValueError(f"train.kl_penalty={cfg.train.kl_penalty!r}; expected auto, loss or reward")
-    from learners.algorithms import GROUP_BASELINE_ALGORITHMS, TOKEN_REWARD_ALGORITHMS
-
     if kl_penalty(cfg) == "reward" and cfg.train.algorithm not in TOKEN_REWARD_ALGORITHMS:
         raise ValueError(f"train.kl_penalty=reward needs per-token rewards: train.algorithm must be one of "
                          f"{list(TOKEN_REWARD_ALGORITHMS)}, got {cfg.train.algorithm!r}")

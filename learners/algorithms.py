@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from learners.config import ALGORITHMS, TOKEN_REWARD_ALGORITHMS
+
 __all__ = [
     "ALGORITHMS",
     "KL_KINDS",
@@ -354,12 +356,6 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
 # Choosing an estimator: train.algorithm
 # ----------------------------------------------------------------------------------------------------------------------
 
-ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline", "ppo")
-# Estimators that see per-token rewards, so a KL penalty can be folded into the reward.
-TOKEN_REWARD_ALGORITHMS = ("reinforce_pp", "ppo")
-# Estimators whose advantages are all 0 when every group's rewards are equal (a group baseline, no critic): a step
-# with no informative group gives them nothing to learn from.
-GROUP_BASELINE_ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 @dataclass

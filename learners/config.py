@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The names train.algorithm takes (learners/algorithms.py holds the estimators). Here, free of torch, so that a
+# misspelled name is refused before anything heavy is imported.
+ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline", "ppo")
+# Estimators that see per-token rewards, so a KL penalty can be folded into the reward.
+TOKEN_REWARD_ALGORITHMS = ("reinforce_pp", "ppo")
+# Estimators whose advantages are all 0 when every group's rewards are equal (a group baseline, no critic): a step
+# with no informative group gives them nothing to learn from.
+GROUP_BASELINE_ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+
 
 @dataclass
 class LearnerConfig:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 DRIVER_STATE = "driver_state.json"
 
@@ -55,6 +54,8 @@ def read_driver_state(checkpoint: Path) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Python's, NumPy's and torch's global generators, as JSON."""
+    import torch  # here, not at the top: the entry points that fail on bad input stop before paying its import
+
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss],
@@ -63,6 +64,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
