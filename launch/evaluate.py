@@ -123,7 +123,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             from simulator.pool_actor import create_simulator_pool
 
             sim_cfg = placed_simulator(cfg)
-            pool = create_simulator_pool(sim_cfg)
+            pool = create_simulator_pool(sim_cfg, wait=False)  # its servers load while the policy engines start
         factory = functools.partial(build_search_engine, cfg.search, sim_cfg, pool,
                                     str(corpus) if corpus.is_file() else None)
         rollout_cfg = dataclasses.replace(cfg.rollout, temperature=0.0)
@@ -132,6 +132,10 @@ def evaluate(cfg: Config) -> dict[str, Any]:
                                num_engines=cfg.cluster.rollout_engines, num_gpus=cfg.cluster.rollout_gpus,
                                start_timeout_s=cfg.cluster.actor_start_timeout_s)
         engines.ready(cfg.cluster.actor_start_timeout_s)
+        if pool is not None:
+            from simulator.pool_actor import wait_for_pool
+
+            wait_for_pool(pool, sim_cfg)
 
         records: dict[str, list[EvalRecord]] = {m: [] for m in cfg.eval.methods}
         timings: dict[str, float] = {}

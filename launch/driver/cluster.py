@@ -26,13 +26,11 @@ class Cluster:
     def __init__(self, cfg: Config, policy_path: str, corpus_path: str, run_dir: Path,
                  clock: StartupClock | None = None) -> None:
         clock = clock or StartupClock()
+        # The engines' start is the longest path to the first step (a vLLM import in the actor, another in the engine
+        # process it spawns), so they are asked for before the driver imports torch and transformers.
         import ray
-        from transformers import AutoTokenizer
 
         from actors.group import RolloutGroup
-        from learners.group import LearnerGroup
-        from learners.policy import PolicyActor
-        from learners.reference import ReferenceActor
         from simulator.simulated import build_search_engine
 
         self.cfg = cfg
@@ -62,6 +60,10 @@ class Cluster:
                                      validation_factory=validation_factory, weight_fault=self.faults.weight_fault(),
                                      start_timeout_s=timeout)
         self.engines = self.rollouts.actors
+        from learners.group import LearnerGroup
+        from learners.policy import PolicyActor
+        from learners.reference import ReferenceActor
+
         learner_cfg = cfg.learner  # its total_steps is ${train.total_steps} unless set on purpose
         # A KL penalty in the reward replaces the KL loss term; the coefficient is the same key either way.
         self.kl_in_reward = learner_cfg.kl_coef if kl_penalty(cfg) == "reward" else 0.0
@@ -82,6 +84,10 @@ class Cluster:
                 policy_path, bf16=learner_cfg.reference_bf16, offload=learner_cfg.offload_reference,
                 micro_batch_tokens=learner_cfg.logprob_micro_batch_tokens, cpu_threads=learner_cfg.cpu_threads,
                 share_prompts=learner_cfg.share_prompts)
+        from transformers import AutoTokenizer  # while the engines still start
+
+        tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
         self.rollouts.ready(timeout)
         clock.lap("rollout_engines")  # what is left of their start once the learners are up
         if self.pool is not None:
@@ -89,8 +95,6 @@ class Cluster:
 
             wait_for_pool(self.pool, sim_cfg)
             clock.lap("simulator_pool")  # what is left of the servers' start once the engines are up
-        tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
         self.weights = WeightSync(cfg, self.learners, self.engines, canary_ids, run_dir)
         clock.lap("weight_sync")
         self.rollouts.restore_weights = self.weights.restore  # a restarted engine gets the weights the others serve
