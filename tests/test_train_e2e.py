@@ -33,18 +33,21 @@ TINY_WARMUP = ["train.warmup=auto", "rollout.episode.max_tokens_per_turn=64",  #
 # A probe reward a random policy already varies on: the share of even token ids among its own tokens. tiny-llama is
 # uniform over its 49k-token vocabulary (entropy 10.79 nats), so over free text no token is ever sampled twice and
 # nothing is learnable in a short run; guided decoding restricts each turn to the few tokens spelling [abc]+, among
-# which the estimator must shift probability toward the even ids. Measured over 20 steps (seed 0): steps 1-3 mean
-# 0.67 under both GRPO and REINFORCE++, steps 5-8 mean 0.91 and 1.00, and the later steps add nothing to the proof,
-# so the sweep runs 8.
+# which the estimator must shift probability toward the even ids. Measured over 20 steps (seed 0, lr 1e-2): steps
+# 1-3 mean 0.67 under both GRPO and REINFORCE++, steps 5-8 mean 0.91 and 1.00, and the later steps add nothing to the
+# proof, so the sweep runs 8.
 PROBE_STEPS = 8
 PROBE_RUN = [
     "model=tiny_llama", "learner=tiny", "search=bm25", "train.warmup=off", f"train.total_steps={PROBE_STEPS}",
     "train.prompts_per_step=8", "train.group_size=8", "rollout.episode.max_turns=0",
     "rollout.episode.max_tokens_per_turn=16", "rollout.episode.reward_metric=even_token_share",
-    "rollout.guided_first_turn_regex='[abc]+'", "learner.lr=1e-2", "data.synthetic_entities=32",
+    "rollout.guided_first_turn_regex='[abc]+'", "learner.lr=5e-3", "data.synthetic_entities=32",
     "train.export_hf=false", "logger.wandb.mode=disabled",
 ]
-PROBE_MIN_RISE = 0.1  # the rises measured at 8 steps: 0.33 (GRPO) and 0.31 (REINFORCE++)
+# The rises measured at 8 steps, lr 5e-3: 0.25 and 0.21 (GRPO, two runs) and 0.30 (REINFORCE++). At 1e-2 GRPO's
+# reward fell back mid-run (0.86 -> 0.35 at step 5) and two runs rose 0.14 and 0.02: the sampling is not bitwise
+# repeatable across runs, so the rate must leave a margin.
+PROBE_MIN_RISE = 0.1
 
 
 def _spans(mask: list[int]) -> list[tuple[int, int, int]]:
