@@ -5,12 +5,14 @@
   in ten garbled, and the learner killed in step 31. Steps 1-30 complete whole; the learner's death stops the run with
   a message naming the checkpoint to resume from, which is intact.
 - R5: a weight load spoiled after its checksum was taken (only the canary can see it). The run stops before the next
-  update, naming the engine and the versions, and the last checkpoint is intact.
+  update, naming the engine and the versions, and the last checkpoint is intact. Its first step is RLOO's, through
+  the dynamic filter.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -84,16 +86,31 @@ def test_a_run_survives_killed_servers_and_engines_and_garbage_and_stops_cleanly
 
 
 @pytest.mark.slow
-def test_a_spoiled_weight_load_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
-    """The load of version 2 completes with the right checksum, then engine 0 doubles its token embedding: only the
+def test_an_rloo_step_through_the_filter_then_a_spoiled_weight_load_stops_the_run_and_keeps_its_checkpoint(tmp_path):
+    """Step 1 is RLOO's, through the dynamic filter. tiny-llama never answers right, so every group's rewards are all
+    0: the filter spends its refill round, then trains on the first round rather than stalling.
+
+    Then the load of version 2 completes with the right checksum, and engine 0 doubles its token embedding: only the
     canary can see that. (An engine that skips the load is caught by the version and checksum check before the canary
-    runs: ``tests/test_faults.py``.)"""
-    result, rows = _train_failing(tmp_path, *LEAN, "train.total_steps=2", "train.save_every=1",
+    runs: ``tests/test_faults.py``.) One run for both, as each alone would pay the same start."""
+    result, rows = _train_failing(tmp_path, *LEAN, "train.algorithm=rloo", "train.dynamic_filter=true",
+                                  "train.dynamic_filter_rounds=1", "train.total_steps=2", "train.save_every=1",
                                   "faults.corrupt_weight_load_at=2", "faults.corrupt_mode=scale")
+    assert [r["step"] for r in rows] == [1]  # step 2 was not logged as done
+    [row] = rows
+    assert all(math.isfinite(row[k]) for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"))
+    assert row["actor/grad_norm"] > 0.0
+    assert "critic/value_loss" not in row  # no critic outside PPO
+    # On-policy, one optimizer step: π_old is the learner's own π_θ, so the ratio is 1 and nothing is clipped (the
+    # engine's logprobs were the ratio's denominator before, and bf16 sampling put it at up to 1.73).
+    assert row["actor/clip_frac"] == 0.0 and abs(row["actor/ratio_mean"] - 1.0) < 1e-4
+    assert row["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4) and row["actor/optimizer_steps"] == 1.0
+    assert row["critic/score/max"] == 0.0
+    assert (row["data/filter_pass_rate"], row["data/rollout_rounds"], row["data/groups_rolled"]) == (0.0, 2.0, 4.0)
+
     assert "CanaryError" in result.stderr, result.stderr[-3000:]
     assert "after syncing version 2 (the previous was 1), rollout engine 0 of 1" in result.stderr
     assert "nats/token" in result.stderr
-    assert [r["step"] for r in rows] == [1]  # step 2 was not logged as done
     checkpoints = tmp_path / "run" / "checkpoints"
     state = json.loads((checkpoints / "step_1" / "driver_state.json").read_text())
     assert state["step"] == 1 and (checkpoints / "step_1" / "deepspeed").is_dir()
