@@ -269,6 +269,27 @@ def test_a_run_without_signal_warns_once_and_says_why(capsys):
     assert "train.group_size" in out
 
 
+def test_a_skipped_update_shows_no_entropy_and_the_warning_gives_the_last_measured(capsys):
+    """A step with no signal skips its update (train.skip_update_without_signal), which measures no entropy: the line
+    says so rather than printing nan, and the warning quotes the last update's entropy."""
+    from launch.driver.metrics import Progress
+
+    progress = Progress(total=6)
+    row = {"critic/score/mean": 0.5, "search/noise_prob": 0.0, "search/calls_per_episode": 1.0,
+           "data/signal_share": 0.25, "episode/valid_action_share": 1.0, "timing_s/step": 1.0, "timing_s/gen": 0.5,
+           "timing_s/score": 0.1, "timing_s/train": 0.3, "timing_s/sync": 0.1, "actor/entropy": 0.044,
+           "train/update_skipped": 0.0}
+    progress.show(1, row)
+    skipped = {k: v for k, v in row.items() if k != "actor/entropy"} | {"data/signal_share": 0.0,
+                                                                        "train/update_skipped": 1.0}
+    for step in range(2, 5):
+        progress.show(step, skipped)
+    progress.close()
+    out = capsys.readouterr().out
+    assert "entropy 0.044" in out and out.count("entropy - (update skipped)") == 3 and "nan" not in out
+    assert out.count("warning:") == 1 and "0.044 nats/token at its last update" in out
+
+
 @pytest.mark.parametrize("engines", [1, 2, 3, 5])
 def test_rollout_group_shards_round_robin_and_unshards_in_request_order(engines):
     from actors.group import shard, unshard

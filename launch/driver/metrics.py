@@ -71,36 +71,43 @@ class Progress:
 
         self.total = total
         self.silent = 0
+        self.entropy: float | None = None  # the last update's; a skipped update (no signal) measures none
         self.bar = tqdm(total=total, initial=done, desc="RL steps", unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
 
     def show(self, step: int, m: dict[str, float]) -> None:
+        skipped = m.get("train/update_skipped", 0.0) == 1.0
+        if "actor/entropy" in m:
+            self.entropy = m["actor/entropy"]
+        entropy = "- (update skipped)" if skipped else f"{m.get('actor/entropy', float('nan')):.3f}"
         self.bar.set_postfix(reward=f"{m['critic/score/mean']:.3f}", noise=f"{m['search/noise_prob']:.3f}",
                              searches=f"{m['search/calls_per_episode']:.2f}", signal=f"{m['data/signal_share']:.2f}")
         self.bar.update(1)
         self.bar.write(
             f"step {step}/{self.total}  reward {m['critic/score/mean']:.3f}  noise {m['search/noise_prob']:.3f}  "
             f"searches {m['search/calls_per_episode']:.2f}  signal {m['data/signal_share']:.2f}  "
-            f"valid {m['episode/valid_action_share']:.2f}  entropy {m.get('actor/entropy', float('nan')):.3f}  "
+            f"valid {m['episode/valid_action_share']:.2f}  entropy {entropy}  "
             f"kl {m.get('actor/kl', 0.0):.4f}  step {m['timing_s/step']:.1f}s (gen {m['timing_s/gen']:.1f}s, "
             f"score {m['timing_s/score']:.1f}s, train {m['timing_s/train']:.1f}s, sync {m['timing_s/sync']:.2f}s)"
             + (f"  replay {m['replay/groups']:.0f} of {m['replay/buffer']:.0f} kept" if "replay/buffer" in m else ""),
             file=sys.stdout)
         self.silent = self.silent + 1 if m["data/signal_share"] == 0.0 else 0
         if self.silent == self.SILENT_STEPS:
-            self.bar.write(silent_warning(self.silent, m), file=sys.stdout)
+            self.bar.write(silent_warning(self.silent, self.entropy), file=sys.stdout)
         sys.stdout.flush()
 
     def close(self) -> None:
         self.bar.close()
 
 
-def silent_warning(steps: int, m: dict[str, float]) -> str:
-    """Why a run whose groups all had equal rewards cannot learn, and what to change."""
-    entropy = m.get("actor/entropy", float("nan"))
+def silent_warning(steps: int, entropy: float | None) -> str:
+    """Why a run whose groups all had equal rewards cannot learn, and what to change; ``entropy`` is the last update's
+    (None when every update so far was skipped)."""
+    measured = (f"The policy's entropy was {entropy:.3f} nats/token at its last update; near 0" if entropy is not None
+                else "No update has measured the policy's entropy yet (each was skipped); near 0 entropy")
     return (f"warning: for {steps} steps every group's rewards were equal (data/signal_share 0), so every advantage "
-            f"is 0 and the updates carry only the KL and entropy terms: this run is not learning. The policy's "
-            f"entropy is {entropy:.3f} nats/token; near 0, its samples of one question are all alike (a collapsed "
+            f"is 0 and the updates carry only the KL and entropy terms, or are skipped: this run is not learning. "
+            f"{measured}, its samples of one question are all alike (a collapsed "
             f"cold start). Try a larger train.group_size, a higher rollout.temperature, train.dynamic_filter=true, "
             f"or a shorter warm-up (warmup.steps, warmup.lr).")
 
