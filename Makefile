@@ -77,5 +77,5 @@ bench: setup $(PEER_STAMP)
 	set -e; for script in bench/*.py; do echo "== $$script"; $(PY) $$script; done
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun runs wandb data/synthetic
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun runs wandb data/synthetic*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
