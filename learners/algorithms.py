@@ -353,9 +353,8 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Choosing an estimator: train.algorithm
+# Choosing an estimator: train.algorithm (its names: learners/config.py)
 # ----------------------------------------------------------------------------------------------------------------------
-
 
 
 @dataclass

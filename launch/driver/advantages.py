@@ -13,8 +13,6 @@ from learners import algorithms as A
 from learners.batch import LearnerSample
 from learners.forward import pad_rows
 
-ALGORITHMS = A.ALGORITHMS
-
 
 def learner_samples(trajectories: list[Trajectory]) -> list[LearnerSample]:
     """Learner records carrying the engine's logprobs as ``rollout_logprobs``. Where the PPO ratio's old logprobs come

@@ -89,7 +89,7 @@ class Cluster:
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
         canary_ids = tokenizer.encode(cfg.train.canary_text, add_special_tokens=False)
         self.rollouts.ready(timeout)
-        clock.lap("rollout_engines")  # what is left of their start once the learners are up
+        clock.lap("rollout_engines")  # what is left of their start once the learners (and the tokenizer) are up
         if self.pool is not None:
             from simulator.pool_actor import wait_for_pool
 
